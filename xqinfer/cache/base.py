@@ -1,0 +1,240 @@
+"""The model <-> cache seam: spec parsing, the method registry, token-slot bookkeeping, attention and accounting.
+
+A cache is one model-level object holding one layer cache per transformer layer. The model calls
+`cache.begin(positions)`, then `cache.layer(i).attend(x, q, k, v, positions)` for every layer, then `cache.end()`.
+Everything a method stores lives in tensors allocated once at construction (capacity tokens), so the decode step
+has static shapes: the current fill is carried by `slot_positions`, a tensor, never by a Python int.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..config import ModelConfig
+from ..errors import CacheSpecError
+from ..rope import Rotary
+
+EMPTY_SLOT = -1
+
+
+@dataclass(frozen=True)
+class Option:
+    """One `key=value` of a cache spec: its default and the values it accepts."""
+
+    default: Any
+    choices: tuple[Any, ...] | None = None
+    minimum: int | None = None
+    maximum: int | None = None
+
+    def parse(self, method: str, key: str, text: str) -> Any:
+        try:
+            value = type(self.default)(text)
+        except ValueError:
+            raise CacheSpecError(f"{method}: {key}={text!r} is not a valid {type(self.default).__name__}; {self.describe()}") from None
+        if self.choices is not None and value not in self.choices:
+            raise CacheSpecError(f"{method}: {key}={text} is not accepted; {self.describe()}")
+        if self.minimum is not None and value < self.minimum:
+            raise CacheSpecError(f"{method}: {key}={text} is not accepted; {self.describe()}")
+        if self.maximum is not None and value > self.maximum:
+            raise CacheSpecError(f"{method}: {key}={text} is not accepted; {self.describe()}")
+        return value
+
+    def describe(self) -> str:
+        if self.choices is not None:
+            return "accepted: " + ", ".join(str(c) for c in self.choices)
+        if self.minimum is not None and self.maximum is not None:
+            return f"accepted: {self.minimum}..{self.maximum}"
+        if self.minimum is not None:
+            return f"accepted: >= {self.minimum}"
+        return f"default {self.default}"
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """A parsed `NAME[:key=value,...]`, with every option of the method filled in."""
+
+    method: str
+    options: dict[str, Any]
+
+    def __str__(self) -> str:
+        if not self.options:
+            return self.method
+        return self.method + ":" + ",".join(f"{k}={v}" for k, v in self.options.items())
+
+
+REGISTRY: dict[str, type["Cache"]] = {}
+
+
+def register(name: str) -> Callable[[type["Cache"]], type["Cache"]]:
+    def decorate(cls: type["Cache"]) -> type["Cache"]:
+        cls.method = name
+        REGISTRY[name] = cls
+        return cls
+
+    return decorate
+
+
+def parse_spec(text: str) -> CacheSpec:
+    """Parses `xquant:bits=4,group=128` into a CacheSpec, refusing unknown methods, keys and values."""
+    from . import METHODS  # noqa: F401  (importing the package registers every method)
+
+    name, _, rest = text.strip().partition(":")
+    if name not in REGISTRY:
+        raise CacheSpecError(f"unknown cache method {name!r} (accepted: {', '.join(sorted(REGISTRY))})")
+    cls = REGISTRY[name]
+    options = {key: option.default for key, option in cls.OPTIONS.items()}
+    for item in filter(None, (part.strip() for part in rest.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise CacheSpecError(f"{name}: expected key=value, got {item!r}")
+        if key not in cls.OPTIONS:
+            accepted = ", ".join(cls.OPTIONS) or "none"
+            raise CacheSpecError(f"{name}: unknown option {key!r} (accepted: {accepted})")
+        options[key] = cls.OPTIONS[key].parse(name, key, value.strip())
+    spec = CacheSpec(name, options)
+    cls.validate(spec)
+    return spec
+
+
+@dataclass
+class Step:
+    """What every layer of one forward shares: where the new tokens go and who may attend to whom."""
+
+    positions: Tensor  # [T] absolute positions of the new tokens
+    slots: Tensor  # [min(T, capacity)] buffer slots written by this step (the last tokens of a long chunk)
+    written: Tensor  # [min(T, capacity)] positions that land in those slots
+    concat: bool  # attend over buffer ++ new tokens (ring prefill) instead of the updated buffer
+    key_positions: Tensor  # positions of the keys attended over
+    mask: Tensor  # [T, keys] True where attention is allowed
+    cos: Tensor  # RoPE tables for the new tokens [T, head_dim]
+    sin: Tensor
+
+
+class Cache:
+    """Model-level cache: owns the per-layer caches and the token-slot table they share."""
+
+    method: ClassVar[str] = ""
+    OPTIONS: ClassVar[dict[str, Option]] = {}
+
+    def __init__(
+        self,
+        spec: CacheSpec,
+        model,
+        capacity: int,
+        batch_size: int = 1,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        config: ModelConfig = model.config
+        self.spec = spec
+        self.config = config
+        self.batch_size = batch_size
+        self.dtype = dtype or model.output_weight().dtype
+        self.device = torch.device(device) if device is not None else model.output_weight().device
+        window = config.sliding_window
+        # A sliding-window model only ever needs its window: the buffers become a ring that wraps around.
+        self.window = window
+        self.capacity = min(capacity, window) if window is not None else capacity
+        self.is_ring = window is not None and capacity > window
+        self.rotary: Rotary = model.rotary
+        self.slot_positions = torch.full((self.capacity,), EMPTY_SLOT, dtype=torch.long, device=self.device)
+        self.step: Step | None = None
+        self.layers = [self.make_layer(i, model) for i in range(config.num_layers)]
+
+    @classmethod
+    def validate(cls, spec: CacheSpec) -> None:
+        """Checks option combinations that single options cannot; raises CacheSpecError."""
+
+    def make_layer(self, index: int, model) -> "LayerCache":
+        raise NotImplementedError
+
+    def layer(self, index: int) -> "LayerCache":
+        return self.layers[index]
+
+    def begin(self, positions: Tensor) -> None:
+        length = positions.shape[0]
+        written = positions[-self.capacity :] if length > self.capacity else positions
+        slots = written % self.capacity
+        updated = self.slot_positions.index_copy(0, slots, written)
+        concat = self.is_ring and length > 1
+        key_positions = torch.cat((self.slot_positions, positions)) if concat else updated
+        cos, sin = self.rotary.cos_sin(positions, self.dtype)
+        self.step = Step(positions, slots, written, concat, key_positions,
+                         attention_mask(positions, key_positions, self.window), cos, sin)
+        self._updated_slots = updated
+
+    def end(self) -> None:
+        self.slot_positions.copy_(self._updated_slots)
+        self.step = None
+        self._updated_slots = None
+
+    def reset(self) -> None:
+        self.slot_positions.fill_(EMPTY_SLOT)
+        for layer in self.layers:
+            layer.reset()
+
+    def tensors(self) -> list[Tensor]:
+        """Every tensor the cache holds (its actual memory)."""
+        return [self.slot_positions] + [t for layer in self.layers for t in layer.tensors()]
+
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors())
+
+    def layer_nbytes(self) -> list[int]:
+        return [sum(t.nbytes for t in layer.tensors()) for layer in self.layers]
+
+    def bits_per_element(self) -> float:
+        """Stored bits per cached K/V element (codes plus scales and zeros), the papers' normalized-size numerator."""
+        raise NotImplementedError
+
+    def normalized_size(self) -> float:
+        """Size relative to a 16-bit KV cache of the same model (METHODS.md section 7)."""
+        return self.bits_per_element() / 16.0
+
+
+class LayerCache:
+    """One layer's storage; `attend` stores the new tokens and returns attention outputs [B, H, T, head_dim]."""
+
+    def __init__(self, parent: Cache, index: int) -> None:
+        self.parent = parent
+        self.index = index
+
+    def attend(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def tensors(self) -> list[Tensor]:
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        for tensor in self.tensors():
+            tensor.zero_()
+
+
+def attention_mask(query_positions: Tensor, key_positions: Tensor, window: int | None) -> Tensor:
+    """[T, S] boolean mask: causal over absolute positions, empty slots excluded, sliding window applied."""
+    q = query_positions[:, None]
+    k = key_positions[None, :]
+    allowed = (k >= 0) & (k <= q)
+    if window is not None:
+        allowed &= k > q - window
+    return allowed
+
+
+def attend(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:
+    """Grouped-query attention of q [B, H, T, D] over keys/values [B, Hkv, S, D] under mask [T, S].
+
+    The query heads that share a KV head are folded into the time axis, so K and V are never repeated.
+    """
+    batch, heads, length, dim = q.shape
+    kv_heads = keys.shape[1]
+    group = heads // kv_heads
+    if group > 1:
+        q = q.reshape(batch, kv_heads, group * length, dim)
+        mask = mask.repeat(group, 1)
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+    return out.reshape(batch, heads, length, dim)

@@ -1,0 +1,42 @@
+"""`fp16`: the plain KV cache in the model dtype, the baseline every compressed method is judged against."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..rope import apply_rotary
+from .base import Cache, LayerCache, attend, register
+
+
+@register("fp16")
+class FP16Cache(Cache):
+    def make_layer(self, index: int, model) -> LayerCache:
+        return FP16LayerCache(self, index)
+
+    def bits_per_element(self) -> float:
+        return torch.finfo(self.dtype).bits
+
+
+class FP16LayerCache(LayerCache):
+    def __init__(self, parent: Cache, index: int) -> None:
+        super().__init__(parent, index)
+        config = parent.config
+        shape = (parent.batch_size, config.num_kv_heads, parent.capacity, config.head_dim)
+        self.keys = torch.zeros(shape, dtype=parent.dtype, device=parent.device)
+        self.values = torch.zeros(shape, dtype=parent.dtype, device=parent.device)
+
+    def attend(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
+        step = self.parent.step
+        k = apply_rotary(k, step.cos, step.sin)
+        if step.concat:
+            out = attend(q, torch.cat((self.keys, k), dim=2), torch.cat((self.values, v), dim=2), step.mask)
+        tail = step.slots.shape[0]
+        self.keys.index_copy_(2, step.slots, k[:, :, -tail:])
+        self.values.index_copy_(2, step.slots, v[:, :, -tail:])
+        if not step.concat:
+            out = attend(q, self.keys, self.values, step.mask)
+        return out
+
+    def tensors(self) -> list[Tensor]:
+        return [self.keys, self.values]

@@ -1,0 +1,180 @@
+"""Prefill and the static decode step over one cache, token-level generation with stop ids, timing and memory."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from .cache import Cache, CacheSpec, make_cache, parse_spec
+from .device import peak_memory, reset_peak_memory, synchronize
+from .errors import ContextError
+from .model import Transformer
+from .sampling import Sampler, SamplingParams
+
+PREFILL_CHUNK = 1024
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    decode_steps: int = 0
+    peak_memory_bytes: int = 0
+    cache_bytes: int = 0
+    cache_normalized_size: float = 0.0
+    reused_tokens: int = 0
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_steps / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "generated_tokens": self.generated_tokens,
+            "prefill_tokens_per_s": self.prefill_tokens_per_s,
+            "decode_tokens_per_s": self.decode_tokens_per_s,
+            "peak_memory_bytes": self.peak_memory_bytes,
+            "cache_bytes": self.cache_bytes,
+            "cache_normalized_size": self.cache_normalized_size,
+        }
+
+
+class Engine:
+    """One model and one preallocated cache; keeps the cached token history so a chat can extend it turn by turn."""
+
+    def __init__(
+        self,
+        model: Transformer,
+        cache: str | CacheSpec = "fp16",
+        capacity: int | None = None,
+        batch_size: int = 1,
+        prefill_chunk: int = PREFILL_CHUNK,
+        allow_extrapolation: bool = False,
+    ) -> None:
+        config = model.config
+        self.model = model
+        self.device = model.output_weight().device
+        # Beyond the trained positions quality degrades (unless dynamic RoPE stretches them): opt-in only.
+        self.max_positions = (capacity or config.max_position_embeddings) if allow_extrapolation else config.max_position_embeddings
+        self.capacity = min(capacity or self.max_positions, self.max_positions)
+        self.spec = parse_spec(cache) if isinstance(cache, str) else cache
+        self.cache: Cache = make_cache(self.spec, model, self.capacity, batch_size)
+        self.batch_size = batch_size
+        self.prefill_chunk = prefill_chunk
+        self.tokens: list[int] = []
+        # Static inputs of the decode step: overwritten in place each step so the step's tensors never move.
+        self._step_tokens = torch.zeros((batch_size, 1), dtype=torch.long, device=self.device)
+        self._step_positions = torch.zeros((1,), dtype=torch.long, device=self.device)
+
+    @property
+    def length(self) -> int:
+        return len(self.tokens)
+
+    def reset(self) -> None:
+        self.cache.reset()
+        self.tokens = []
+
+    def room(self) -> int:
+        """How many more tokens fit: the model's positions, and the cache's capacity unless it is a ring."""
+        limit = self.max_positions if self.cache.is_ring else self.capacity
+        return limit - self.length
+
+    def check_room(self, needed: int) -> None:
+        if needed > self.room():
+            limit = self.max_positions if self.cache.is_ring else self.capacity
+            raise ContextError(
+                f"{self.length + needed} tokens do not fit in the context of {limit} "
+                f"({self.length} cached, {needed} more requested)"
+            )
+
+    @torch.inference_mode()
+    def prefill(self, ids: Sequence[int]) -> Tensor:
+        """Feeds ids after what is cached, in chunks (no [N, N] mask for long prompts); returns the last logits [B, V]."""
+        self.check_room(len(ids))
+        logits = None
+        for start in range(0, len(ids), self.prefill_chunk):
+            chunk = list(ids[start : start + self.prefill_chunk])
+            tokens = torch.tensor([chunk] * self.batch_size, dtype=torch.long, device=self.device)
+            positions = torch.arange(self.length, self.length + len(chunk), device=self.device)
+            logits = self.model(tokens, positions, self.cache, last_only=True)[:, -1]
+            self.tokens.extend(chunk)
+        return logits
+
+    @torch.inference_mode()
+    def decode(self, tokens: Tensor) -> Tensor:
+        """One static-shape step: tokens [B] at the next position -> logits [B, V]."""
+        self.check_room(1)
+        self._step_tokens.copy_(tokens.view(self.batch_size, 1))
+        self._step_positions.fill_(self.length)
+        logits = self.model(self._step_tokens, self._step_positions, self.cache)[:, -1]
+        self.tokens.append(int(tokens[0]))
+        return logits
+
+    def generate(
+        self,
+        prompt: Sequence[int],
+        params: SamplingParams,
+        max_new_tokens: int,
+        stop_ids: Sequence[int] = (),
+        stats: GenerationStats | None = None,
+    ) -> Iterator[int]:
+        """Yields sampled ids. Reuses the cached prefix when `prompt` extends what the cache holds.
+
+        The last sampled token is not fed back: the cache always ends with the prompt plus all but the final token,
+        which a following turn then prefills along with its own text.
+        """
+        stats = stats if stats is not None else GenerationStats()
+        if not prompt:
+            raise ContextError("the prompt is empty: there is nothing to continue")
+        if not self._extends_cache(prompt):
+            self.reset()
+        reused = self.length
+        new_ids = list(prompt[reused:])
+        self.check_room(len(new_ids) + max(max_new_tokens - 1, 0))
+        sampler = Sampler(params, self.device)
+        context = torch.tensor([list(prompt)] * self.batch_size, dtype=torch.long, device=self.device)
+        stop = set(stop_ids)
+        stats.prompt_tokens, stats.reused_tokens = len(new_ids), reused
+        reset_peak_memory(self.device)
+
+        start = time.perf_counter()
+        logits = self.prefill(new_ids)
+        token = sampler(logits, context)
+        synchronize(self.device)
+        stats.prefill_seconds = time.perf_counter() - start
+        decode_start = time.perf_counter()
+        for produced in range(max_new_tokens):
+            value = int(token[0])
+            stats.generated_tokens += 1
+            stats.decode_seconds = time.perf_counter() - decode_start
+            self._record_memory(stats)
+            yield value
+            if value in stop or produced + 1 == max_new_tokens:
+                break
+            context = torch.cat((context, token.view(-1, 1)), dim=1)
+            logits = self.decode(token)
+            token = sampler(logits, context)
+            stats.decode_steps += 1
+        synchronize(self.device)
+        stats.decode_seconds = time.perf_counter() - decode_start
+        self._record_memory(stats)
+
+    def _extends_cache(self, prompt: Sequence[int]) -> bool:
+        # A cache cannot be rolled back, so it is reused only when the prompt strictly extends what it holds.
+        return len(self.tokens) < len(prompt) and list(prompt[: len(self.tokens)]) == self.tokens
+
+    def _record_memory(self, stats: GenerationStats) -> None:
+        stats.peak_memory_bytes = max(stats.peak_memory_bytes, peak_memory(self.device))
+        stats.cache_bytes = self.cache.nbytes()
+        stats.cache_normalized_size = self.cache.normalized_size()

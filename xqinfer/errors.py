@@ -1,0 +1,21 @@
+"""The one exception type users see: the CLI prints its message on one line and exits non-zero."""
+
+
+class XQInferError(Exception):
+    """An error caused by the user's input or environment, with a message that says what to do."""
+
+
+class ConfigError(XQInferError):
+    """config.json is missing, malformed, or describes something xqinfer does not run."""
+
+
+class WeightsError(XQInferError):
+    """The checkpoint is missing, truncated, in a refused format, or does not match the config."""
+
+
+class CacheSpecError(XQInferError):
+    """A --cache spec names an unknown method or an invalid option."""
+
+
+class ContextError(XQInferError):
+    """A request needs more positions than the model or the allocated cache allows."""

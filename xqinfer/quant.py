@@ -1,0 +1,409 @@
+"""Group-wise asymmetric uniform quantization and real bit packing: the only place this math lives.
+
+Every cache method calls into this module. METHODS.md section 1 is the specification:
+
+    z = min(g),  s = (max(g) - min(g)) / (2^b - 1),  q = clamp(round((x - z) / s), 0, 2^b - 1),  x̂ = q·s + z
+
+Layout conventions (x is ``[..., T, C]``: any leading dims, then tokens, then channels):
+
+* per-token  (``axis="token"``):   a group is ``g`` consecutive channels of one token.
+  ``codes [..., T, packed_size(C, b)]``, ``scale``/``zero`` ``[..., T, C // g]``.
+* per-channel (``axis="channel"``): a group is ``g`` consecutive tokens of one channel.
+  ``codes [..., T, packed_size(C, b)]``, ``scale``/``zero`` ``[..., T // g, C]``.
+
+Codes are always packed along the channel (last) dimension, one packed row per token, for both layouts. So a
+cache can preallocate ``[..., capacity, packed_size(C, b)]`` bytes whatever the axis, token ``t``'s codes live in
+row ``t``, and quantizing tokens in blocks gives bit-identical bytes to quantizing them all at once.
+
+Group size: ``g = min(group, size of the grouped dim)`` (METHODS.md: "where G exceeds the dimension, the group is
+the whole dimension"). A grouped dimension that is not a multiple of ``g`` raises ``ValueError``; there are no
+ragged groups (every model dimension we meet is a multiple of the group sizes the papers use, and ragged groups
+would break the one-reshape vectorization).
+
+Storage rounding (a decision this module owns): scale and zero are stored in ``scale_dtype`` (fp16 by default,
+or the model dtype). The stored zero is ``min(g)`` rounded *down* to that dtype and the stored scale is
+``(max(g) - zero) / (2^b - 1)`` rounded *up*; codes are then computed from these stored values. This keeps every
+element inside ``[zero, zero + (2^b - 1)·scale]``, so the reconstruction error is at most half a stored step for
+every element (plus float32 rounding), whatever the storage dtype. Plain round-to-nearest storage would break
+that bound at 8 bits with a bf16 scale (255 × bf16's relative error ≈ half a step on its own).
+A constant group stores ``scale = 0`` and codes 0 and reconstructs exactly when the constant is representable in
+``scale_dtype`` (always true when ``scale_dtype`` is the input's dtype); otherwise it gets a tiny non-zero scale
+and its error is still at most half of that. Values beyond the storage dtype's finite range are clamped to it,
+so nothing becomes inf or NaN.
+
+All functions are vectorized torch with static shapes: no ``.item()``, no host sync, no data-dependent shapes, so
+they can run inside a captured CUDA graph. The math is done in float32 whatever the input dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "BITS",
+    "Axis",
+    "Quantized",
+    "quantize_per_token",
+    "quantize_per_channel",
+    "dequantize",
+    "fake_quantize",
+    "to_groups",
+    "from_groups",
+    "group_dim",
+    "effective_group",
+    "minmax_params",
+    "quantize_codes",
+    "dequantize_codes",
+    "calibrated_params",
+    "packed_size",
+    "pack",
+    "unpack",
+]
+
+BITS: tuple[int, ...] = (1, 2, 3, 4, 8)
+"""Accepted bit widths."""
+
+Axis = Literal["token", "channel"]
+_AXES: tuple[str, ...] = ("token", "channel")
+
+
+# --------------------------------------------------------------------------------------------- validation
+
+
+def _check_bits(bits: int) -> None:
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in BITS:
+        raise ValueError(f"bits must be one of {', '.join(map(str, BITS))}; got {bits!r}")
+
+
+def _check_group(group: int) -> None:
+    if isinstance(group, bool) or not isinstance(group, int) or group < 1:
+        raise ValueError(f"group must be an integer >= 1 (e.g. 32 or 128); got {group!r}")
+
+
+def _check_axis(axis: str) -> None:
+    if axis not in _AXES:
+        raise ValueError(f"axis must be one of {', '.join(repr(a) for a in _AXES)}; got {axis!r}")
+
+
+def _levels(bits: int) -> int:
+    return (1 << bits) - 1
+
+
+# --------------------------------------------------------------------------------------------- grouping
+
+
+def effective_group(size: int, group: int) -> int:
+    """The group size actually used along a dimension of ``size``: ``min(group, size)``.
+
+    Raises ``ValueError`` when ``size`` is not a multiple of it (no ragged groups).
+    """
+    _check_group(group)
+    g = min(group, size) if size > 0 else group
+    if size % g != 0:
+        raise ValueError(
+            f"dimension of size {size} is not a multiple of the group size {g}; "
+            f"choose a group that divides {size} (ragged groups are not supported)"
+        )
+    return g
+
+
+def group_dim(axis: Axis) -> int:
+    """The dimension of a grouped view (see :func:`to_groups`) that one group spans: -1 per token, -2 per channel."""
+    _check_axis(axis)
+    return -1 if axis == "token" else -2
+
+
+def to_groups(x: Tensor, group: int, axis: Axis) -> Tensor:
+    """View ``x [..., T, C]`` so that each quantization group lies along :func:`group_dim` ``(axis)``.
+
+    * ``axis="token"``:   ``[..., T, C // g, g]``  (groups along dim -1)
+    * ``axis="channel"``: ``[..., T // g, g, C]``  (groups along dim -2)
+
+    A view (no copy) when ``x`` is contiguous in its last two dims.
+    """
+    _check_axis(axis)
+    if x.dim() < 2:
+        raise ValueError(f"expected a tensor [..., T, C] with at least 2 dims; got shape {tuple(x.shape)}")
+    *lead, t, c = x.shape
+    if axis == "token":
+        g = effective_group(c, group)
+        return x.reshape(*lead, t, c // g, g)
+    g = effective_group(t, group)
+    return x.reshape(*lead, t // g, g, c)
+
+
+def from_groups(xg: Tensor, axis: Axis) -> Tensor:
+    """Inverse of :func:`to_groups`: back to ``[..., T, C]``."""
+    _check_axis(axis)
+    if axis == "token":
+        return xg.flatten(-2)
+    return xg.flatten(-3, -2)
+
+
+# --------------------------------------------------------------------------------------------- core math
+
+
+def _round_stored(value: Tensor, dtype: torch.dtype, direction: float) -> Tensor:
+    """Cast float32 ``value`` to ``dtype``, rounding toward ``direction`` (+inf: up, -inf: down) instead of nearest.
+
+    Values are first clamped to the dtype's finite range so that storage never yields inf.
+    """
+    fmax = torch.finfo(dtype).max
+    value = value.clamp(-fmax, fmax)
+    stored = value.to(dtype)
+    back = stored.float()
+    wrong_side = back < value if direction > 0 else back > value
+    stepped = torch.nextafter(stored, torch.full_like(stored, direction))
+    # nextafter cannot leave the finite range here: a value at ±max is representable, so it is never stepped.
+    return torch.where(wrong_side, stepped, stored)
+
+
+def minmax_params(
+    xg: Tensor, bits: int, scale_dtype: torch.dtype = torch.float16, dim: int = -1
+) -> tuple[Tensor, Tensor]:
+    """Scale and zero of each group of a grouped tensor, reducing over ``dim`` (kept, size 1).
+
+    Returns ``(scale, zero)`` in ``scale_dtype``, broadcastable against ``xg``. The zero is ``min`` rounded down
+    and the scale ``(max - zero) / (2^b - 1)`` rounded up to ``scale_dtype`` (see the module docstring for why).
+    """
+    _check_bits(bits)
+    xf = xg.float()
+    lo = xf.amin(dim=dim, keepdim=True)
+    hi = xf.amax(dim=dim, keepdim=True)
+    zero = _round_stored(lo, scale_dtype, float("-inf"))
+    # The scale is measured from the zero actually stored, so the top of the range stays covered.
+    span = (hi - zero.float()).clamp_min(0.0)
+    scale = _round_stored(span / _levels(bits), scale_dtype, float("inf"))
+    return scale, zero
+
+
+def quantize_codes(xg: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Tensor:
+    """Codes ``clamp(round((x - zero) / scale), 0, 2^b - 1)`` as uint8, same shape as ``xg`` (unpacked).
+
+    ``scale``/``zero`` are the stored values (any float dtype), broadcastable against ``xg``. A group with
+    ``scale == 0`` (constant) gets codes 0.
+    """
+    _check_bits(bits)
+    s = scale.float()
+    z = zero.float()
+    nonzero = s > 0
+    safe = torch.where(nonzero, s, torch.ones_like(s))
+    q = torch.round((xg.float() - z) / safe).clamp_(0, _levels(bits))
+    q = torch.where(nonzero, q, torch.zeros_like(q))
+    return q.to(torch.uint8)
+
+
+def calibrated_params(scale: Tensor, zero: Tensor, bits: int, eta: float = 0.0) -> tuple[Tensor, Tensor]:
+    """Float32 dequantization parameters, with XQuant-KV's data-free calibration when ``eta != 0``.
+
+    ``ẑ = z + η·s·(2^b - 1)``, ``ŝ = (1 - 2η)·s``: both end levels move inward by ``η`` of the range, which lowers
+    the expected error of very low-bit codes (METHODS.md section 6). ``eta = 0`` returns the stored values.
+    """
+    _check_bits(bits)
+    s = scale.float()
+    z = zero.float()
+    if eta != 0.0:
+        z = z + (eta * _levels(bits)) * s
+        s = (1.0 - 2.0 * eta) * s
+    return s, z
+
+
+def dequantize_codes(
+    codes: Tensor,
+    scale: Tensor,
+    zero: Tensor,
+    bits: int,
+    dtype: torch.dtype | None = None,
+    *,
+    eta: float = 0.0,
+) -> Tensor:
+    """``codes·ŝ + ẑ`` (unpacked codes, broadcastable scale/zero), computed in float32, returned in ``dtype``.
+
+    ``dtype`` defaults to ``scale.dtype``. ``eta`` is the calibration of :func:`calibrated_params`.
+    """
+    s, z = calibrated_params(scale, zero, bits, eta)
+    out = torch.addcmul(z, codes.float(), s)
+    return out.to(dtype if dtype is not None else scale.dtype)
+
+
+# --------------------------------------------------------------------------------------------- packing
+
+
+def packed_size(n: int, bits: int) -> int:
+    """Bytes needed to pack ``n`` codes of ``bits`` bits: ``ceil(n·b/8)`` for b in {1,2,4,8}, ``ceil(n/8)·3`` for 3."""
+    _check_bits(bits)
+    if n < 0:
+        raise ValueError(f"n must be >= 0; got {n}")
+    if bits == 3:
+        return -(-n // 8) * 3
+    per = 8 // bits
+    return -(-n // per)
+
+
+def _codes_per_unit(bits: int) -> int:
+    return 8 if bits == 3 else 8 // bits
+
+
+def pack(codes: Tensor, bits: int) -> Tensor:
+    """Pack codes along the last dimension into uint8: ``[..., n] -> [..., packed_size(n, bits)]``.
+
+    For b in {1, 2, 4, 8}, ``8/b`` codes per byte, code ``i`` of a byte in bits ``[i·b, (i+1)·b)`` (LSB first).
+    For b = 3, 8 codes form a little-endian 24-bit word stored as 3 bytes. The tail is zero-padded. Codes are
+    masked to ``b`` bits so an out-of-range value cannot corrupt its neighbours.
+    """
+    _check_bits(bits)
+    if bits == 8:
+        return codes.to(torch.uint8)
+    n = codes.shape[-1]
+    unit = _codes_per_unit(bits)
+    pad = (-n) % unit
+    c = codes.to(torch.int32) & _levels(bits)
+    if pad:
+        c = torch.nn.functional.pad(c, (0, pad))
+    c = c.reshape(*c.shape[:-1], -1, unit)
+    shifts = torch.arange(unit, device=c.device, dtype=torch.int32) * bits
+    # Bit fields do not overlap, so a sum is a bitwise OR.
+    word = (c << shifts).sum(dim=-1, dtype=torch.int32)
+    if bits != 3:
+        return word.to(torch.uint8)
+    byte_shifts = torch.arange(3, device=c.device, dtype=torch.int32) * 8
+    out = (word.unsqueeze(-1) >> byte_shifts) & 0xFF
+    return out.to(torch.uint8).flatten(-2)
+
+
+def unpack(packed: Tensor, bits: int, n: int) -> Tensor:
+    """Inverse of :func:`pack`: ``[..., packed_size(n, bits)] uint8 -> [..., n]`` uint8 codes."""
+    _check_bits(bits)
+    expected = packed_size(n, bits)
+    if packed.shape[-1] != expected:
+        raise ValueError(
+            f"packed last dim is {packed.shape[-1]} bytes but {n} codes of {bits} bits need {expected}"
+        )
+    if bits == 8:
+        return packed.to(torch.uint8)
+    unit = _codes_per_unit(bits)
+    p = packed.to(torch.int32)
+    if bits == 3:
+        p = p.reshape(*p.shape[:-1], -1, 3)
+        byte_shifts = torch.arange(3, device=p.device, dtype=torch.int32) * 8
+        word = (p << byte_shifts).sum(dim=-1, dtype=torch.int32)
+    else:
+        word = p
+    shifts = torch.arange(unit, device=p.device, dtype=torch.int32) * bits
+    codes = (word.unsqueeze(-1) >> shifts) & _levels(bits)
+    codes = codes.flatten(-2)
+    if codes.shape[-1] != n:
+        codes = codes[..., :n]
+    return codes.to(torch.uint8)
+
+
+# --------------------------------------------------------------------------------------------- high level
+
+
+@dataclass
+class Quantized:
+    """A quantized block ``[..., T, C]``: what a cache stores (see the module docstring for the layouts).
+
+    The fields may be views into a cache's preallocated buffers; :func:`dequantize` only uses their shapes.
+    """
+
+    codes: Tensor  # packed uint8 [..., T, packed_size(channels, bits)]
+    scale: Tensor  # [..., T, C // group] per token, [..., T // group, C] per channel
+    zero: Tensor  # same shape and dtype as scale
+    bits: int
+    group: int  # the effective group size (already min(group, dim))
+    axis: Axis
+    channels: int  # C: packing pads the last dim, so the true width must be kept
+    dtype: torch.dtype  # the input's dtype, the default of dequantize()
+
+    @property
+    def shape(self) -> torch.Size:
+        """Shape of the tensor this block reconstructs."""
+        return torch.Size((*self.codes.shape[:-1], self.channels))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: packed codes + scale + zero."""
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.zero))
+
+
+def _quantize(x: Tensor, bits: int, group: int, axis: Axis, scale_dtype: torch.dtype) -> Quantized:
+    _check_bits(bits)
+    _check_group(group)
+    xg = to_groups(x, group, axis)
+    dim = group_dim(axis)
+    scale, zero = minmax_params(xg, bits, scale_dtype, dim=dim)
+    codes = from_groups(quantize_codes(xg, scale, zero, bits), axis)
+    return Quantized(
+        codes=pack(codes, bits),
+        scale=scale.squeeze(dim),
+        zero=zero.squeeze(dim),
+        bits=bits,
+        group=xg.shape[dim],
+        axis=axis,
+        channels=x.shape[-1],
+        dtype=x.dtype,
+    )
+
+
+def quantize_per_token(
+    x: Tensor, bits: int, group: int, *, scale_dtype: torch.dtype = torch.float16
+) -> Quantized:
+    """Quantize ``x [..., T, C]`` with groups of ``group`` consecutive channels of each token.
+
+    Returns codes ``[..., T, packed_size(C, bits)]`` and scale/zero ``[..., T, C // g]``, ``g = min(group, C)``.
+    Tokens are independent, so quantizing them one at a time gives identical results.
+    """
+    return _quantize(x, bits, group, "token", scale_dtype)
+
+
+def quantize_per_channel(
+    x: Tensor, bits: int, group: int, *, scale_dtype: torch.dtype = torch.float16
+) -> Quantized:
+    """Quantize ``x [..., T, C]`` with groups of ``group`` consecutive tokens of each channel.
+
+    ``T`` must be a multiple of ``g = min(group, T)``. Returns codes ``[..., T, packed_size(C, bits)]`` and
+    scale/zero ``[..., T // g, C]``. Blocks of ``g`` tokens are independent, so quantizing them one block at a time
+    gives identical results.
+    """
+    return _quantize(x, bits, group, "channel", scale_dtype)
+
+
+def dequantize(q: Quantized, dtype: torch.dtype | None = None, *, eta: float = 0.0) -> Tensor:
+    """Reconstruct ``[..., T, C]`` from a :class:`Quantized` block, in ``dtype`` (default: the input's dtype).
+
+    ``eta`` applies XQuant-KV's data-free calibration (see :func:`calibrated_params`); 0 is plain dequantization.
+    """
+    codes = unpack(q.codes, q.bits, q.channels)
+    dim = group_dim(q.axis)
+    cg = to_groups(codes, q.group, q.axis)
+    out = dequantize_codes(
+        cg, q.scale.unsqueeze(dim), q.zero.unsqueeze(dim), q.bits, torch.float32, eta=eta
+    )
+    return from_groups(out, q.axis).to(dtype if dtype is not None else q.dtype)
+
+
+def fake_quantize(
+    x: Tensor,
+    bits: int,
+    group: int,
+    axis: Axis,
+    *,
+    scale_dtype: torch.dtype = torch.float16,
+    eta: float = 0.0,
+) -> Tensor:
+    """Quantize then dequantize ``x [..., T, C]`` in one pass, skipping the packing (the ``sim`` protocol).
+
+    Bit-identical to ``dequantize(quantize_per_*(x, ...), eta=eta)``; returns ``x.dtype``.
+    """
+    _check_bits(bits)
+    _check_group(group)
+    xg = to_groups(x, group, axis)
+    scale, zero = minmax_params(xg, bits, scale_dtype, dim=group_dim(axis))
+    codes = quantize_codes(xg, scale, zero, bits)
+    out = dequantize_codes(codes, scale, zero, bits, torch.float32, eta=eta)
+    return from_groups(out, axis).to(x.dtype)
