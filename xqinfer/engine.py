@@ -103,8 +103,9 @@ class Engine:
         """Feeds ids after what is cached, in chunks (no [N, N] mask for long prompts); returns the last logits [B, V]."""
         self.check_room(len(ids))
         logits = None
-        for start in range(0, len(ids), self.prefill_chunk):
-            chunk = list(ids[start : start + self.prefill_chunk])
+        step = min(self.prefill_chunk, self.cache.max_chunk)
+        for start in range(0, len(ids), step):
+            chunk = list(ids[start : start + step])
             tokens = torch.tensor([chunk] * self.batch_size, dtype=torch.long, device=self.device)
             positions = torch.arange(self.length, self.length + len(chunk), device=self.device)
             logits = self.model(tokens, positions, self.cache, last_only=True)[:, -1]

@@ -1,9 +1,9 @@
 """Cache methods, one file each, behind the interface in `base`."""
 
-from . import fp16
+from . import fp16, kivi, xquant, xquant_cl
 from .base import REGISTRY, Cache, CacheSpec, LayerCache, parse_spec
 
-METHODS = (fp16,)
+METHODS = (fp16, kivi, xquant, xquant_cl)
 
 
 def make_cache(spec: str | CacheSpec, model, capacity: int, batch_size: int = 1) -> Cache:

@@ -9,6 +9,7 @@ has static shapes: the current fill is carried by `slot_positions`, a tensor, ne
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -101,18 +102,48 @@ def parse_spec(text: str) -> CacheSpec:
     return spec
 
 
+def refuse(spec: CacheSpec, message: str) -> None:
+    raise CacheSpecError(f"{spec}: {message}")
+
+
+def layer_bits(spec: CacheSpec, config: ModelConfig, dtype: torch.dtype = torch.float16) -> list[float]:
+    """Per layer, stored bits per K/V element the method keeps for a token (codes, scales, zeros; no residual).
+
+    Computed from the spec and the config alone, so memory can be planned without loading weights.
+    """
+    method = REGISTRY[spec.method]
+    return [method.layer_bits_per_element(spec, config, i, dtype) for i in range(config.num_layers)]
+
+
+def normalized_size(spec: CacheSpec, config: ModelConfig, dtype: torch.dtype = torch.float16) -> float:
+    """The papers' convention (METHODS.md section 7): bits stored per cached token over a 16-bit KV cache's."""
+    per_layer = layer_bits(spec, config, dtype)
+    return sum(per_layer) / len(per_layer) / 16.0
+
+
 @dataclass
 class Step:
     """What every layer of one forward shares: where the new tokens go and who may attend to whom."""
 
     positions: Tensor  # [T] absolute positions of the new tokens
-    slots: Tensor  # [min(T, capacity)] buffer slots written by this step (the last tokens of a long chunk)
-    written: Tensor  # [min(T, capacity)] positions that land in those slots
-    concat: bool  # attend over buffer ++ new tokens (ring prefill) instead of the updated buffer
+    length: Tensor  # scalar: tokens held before this step (= positions[0], positions being contiguous)
+    slots: Tensor  # [min(T, capacity)] buffer slots of the last min(T, capacity) new tokens
+    history_positions: Tensor  # [capacity] positions held by the slots before this step (EMPTY_SLOT if none)
+    concat: bool  # attend over history ++ new tokens instead of the updated buffer
     key_positions: Tensor  # positions of the keys attended over
     mask: Tensor  # [T, keys] True where attention is allowed
     cos: Tensor  # RoPE tables for the new tokens [T, head_dim]
     sin: Tensor
+    rotary: Rotary
+    dtype: torch.dtype
+
+    @cached_property
+    def history_rope(self) -> tuple[Tensor, Tensor]:
+        """RoPE tables at the history's positions, for methods that rotate keys after rebuilding them."""
+        # Computed over the history and the new tokens together so that dynamic scaling sees the current length.
+        cos, sin = self.rotary.cos_sin(torch.cat((self.history_positions.clamp(min=0), self.positions)), self.dtype)
+        capacity = self.history_positions.shape[0]
+        return cos[:capacity], sin[:capacity]
 
 
 class Cache:
@@ -136,15 +167,33 @@ class Cache:
         self.batch_size = batch_size
         self.dtype = dtype or model.output_weight().dtype
         self.device = torch.device(device) if device is not None else model.output_weight().device
-        window = config.sliding_window
         # A sliding-window model only ever needs its window: the buffers become a ring that wraps around.
-        self.window = window
-        self.capacity = min(capacity, window) if window is not None else capacity
-        self.is_ring = window is not None and capacity > window
+        self.window = config.sliding_window
+        self.is_ring = self.window is not None and capacity > self.window
+        needed = self.window if self.is_ring else capacity
+        # Quantized groups must tile the buffer, and a ring keeps `slack` spare slots so that one chunk's writes
+        # (whole groups around it included) never land on slots another part of the same chunk uses.
+        multiple = self.capacity_multiple()
+        self.slack = 2 * multiple if self.is_ring and multiple > 1 else 0
+        self.capacity = -(-(needed + self.slack) // multiple) * multiple
         self.rotary: Rotary = model.rotary
         self.slot_positions = torch.full((self.capacity,), EMPTY_SLOT, dtype=torch.long, device=self.device)
         self.step: Step | None = None
         self.layers = [self.make_layer(i, model) for i in range(config.num_layers)]
+
+    @property
+    def max_chunk(self) -> int:
+        """The most tokens one forward may write."""
+        return self.capacity - self.slack
+
+    def capacity_multiple(self) -> int:
+        """Buffers hold a whole number of this many tokens (a per-channel method's group size)."""
+        return 1
+
+    @property
+    def always_concat(self) -> bool:
+        """Methods that rebuild the history attend over history ++ exact new tokens (METHODS.md section 2)."""
+        return False
 
     @classmethod
     def validate(cls, spec: CacheSpec) -> None:
@@ -157,15 +206,19 @@ class Cache:
         return self.layers[index]
 
     def begin(self, positions: Tensor) -> None:
-        length = positions.shape[0]
-        written = positions[-self.capacity :] if length > self.capacity else positions
+        if self.slack and positions.shape[0] > self.max_chunk:
+            raise ValueError(f"a forward may write at most {self.max_chunk} tokens to this cache")
+        # Of a chunk longer than a ring, only the tail is kept (its head is attended to within the chunk).
+        written = positions[-self.capacity :]
         slots = written % self.capacity
-        updated = self.slot_positions.index_copy(0, slots, written)
-        concat = self.is_ring and length > 1
-        key_positions = torch.cat((self.slot_positions, positions)) if concat else updated
+        history = self.slot_positions
+        updated = history.index_copy(0, slots, written)
+        concat = self.always_concat or (self.is_ring and positions.shape[0] > 1)
+        key_positions = torch.cat((history, positions)) if concat else updated
         cos, sin = self.rotary.cos_sin(positions, self.dtype)
-        self.step = Step(positions, slots, written, concat, key_positions,
-                         attention_mask(positions, key_positions, self.window), cos, sin)
+        mask = attention_mask(positions, key_positions, self.window)
+        self.step = Step(positions, positions[0], slots, history, concat, key_positions, mask, cos, sin,
+                         self.rotary, self.dtype)
         self._updated_slots = updated
 
     def end(self) -> None:
@@ -188,13 +241,17 @@ class Cache:
     def layer_nbytes(self) -> list[int]:
         return [sum(t.nbytes for t in layer.tensors()) for layer in self.layers]
 
-    def bits_per_element(self) -> float:
-        """Stored bits per cached K/V element (codes plus scales and zeros), the papers' normalized-size numerator."""
+    @classmethod
+    def layer_bits_per_element(cls, spec: CacheSpec, config: ModelConfig, index: int, dtype: torch.dtype) -> float:
+        """Stored bits per K/V-equivalent element of layer `index` (see `layer_bits`)."""
         raise NotImplementedError
+
+    def layer_normalized_sizes(self) -> list[float]:
+        return [bits / 16.0 for bits in layer_bits(self.spec, self.config, self.dtype)]
 
     def normalized_size(self) -> float:
         """Size relative to a 16-bit KV cache of the same model (METHODS.md section 7)."""
-        return self.bits_per_element() / 16.0
+        return normalized_size(self.spec, self.config, self.dtype)
 
 
 class LayerCache:

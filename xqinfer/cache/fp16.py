@@ -14,8 +14,9 @@ class FP16Cache(Cache):
     def make_layer(self, index: int, model) -> LayerCache:
         return FP16LayerCache(self, index)
 
-    def bits_per_element(self) -> float:
-        return torch.finfo(self.dtype).bits
+    @classmethod
+    def layer_bits_per_element(cls, spec, config, index: int, dtype: torch.dtype = torch.float16) -> float:
+        return float(torch.finfo(dtype).bits)
 
 
 class FP16LayerCache(LayerCache):

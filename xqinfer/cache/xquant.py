@@ -1,0 +1,157 @@
+"""`xquant`: cache the quantized layer input X and rebuild K and V from it at every step (METHODS.md section 2).
+
+MHA caches X per token (one tensor where KV keeps two). GQA caches the SVD latents X·Uk (per channel) and X·Uv
+(per token): `Wk = Uk Σk Bkᵀ` once at load, and `K = (X·Uk)·Mk` with `Mk = Σk Bkᵀ` folded into one small matrix.
+By default the value side is absorbed: attention weights multiply X̂ (or X·Uv) first and Wv (or Mv) is applied
+after, since V carries no RoPE; this removes the V rebuild.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ..rope import apply_rotary
+from .base import Cache, CacheSpec, LayerCache, Option, attend, refuse, register
+from .stream import FULL_PRECISION, QuantStream, stored_bits
+
+
+@register("xquant")
+class XQuantCache(Cache):
+    OPTIONS = {
+        "bits": Option(4, choices=(2, 3, 4, 8)),
+        "group": Option(128, minimum=1),
+        "residual": Option(128, minimum=0),
+        "outlier": Option(0, choices=(0, 1)),
+        "absorb": Option(1, choices=(0, 1)),
+    }
+
+    @property
+    def always_concat(self) -> bool:
+        return True
+
+    def capacity_multiple(self) -> int:
+        return self.spec.options["group"] if self.config.is_gqa else 1
+
+    def make_layer(self, index: int, model) -> LayerCache:
+        if not self.config.is_gqa:
+            if self.spec.options["outlier"]:
+                refuse(self.spec, "outlier=1 keeps channel 0 of the GQA latents X·Uk; this model is MHA")
+            return XQuantMHALayer(self, index, model.layers[index].self_attn)
+        return XQuantGQALayer(self, index, model.layers[index].self_attn)
+
+    @classmethod
+    def layer_bits_per_element(cls, spec: CacheSpec, config, index: int, dtype: torch.dtype = torch.float16) -> float:
+        o = spec.options
+        if o["bits"] == FULL_PRECISION:
+            cached = config.hidden_size if not config.is_gqa else 2 * config.kv_dim
+            return cached * torch.finfo(dtype).bits / (2 * config.kv_dim)
+        if not config.is_gqa:
+            per_token = config.hidden_size * stored_bits(o["bits"], min(o["group"], config.hidden_size))
+            return per_token / (2 * config.kv_dim)
+        keys = stored_bits(o["bits"], o["group"])
+        values = stored_bits(o["bits"], min(o["group"], config.kv_dim))
+        if o["outlier"]:
+            # Channel 0 of X·Uk stays in 16 bits instead of its share of codes, scales and zeros.
+            keys = ((config.kv_dim - 1) * keys + 16) / config.kv_dim
+        return (keys + values) / 2
+
+
+class XQuantMHALayer(LayerCache):
+    def __init__(self, parent: XQuantCache, index: int, attention) -> None:
+        super().__init__(parent, index)
+        o, config = parent.spec.options, parent.config
+        self.wk = attention.k_proj.weight
+        self.wv = attention.v_proj.weight
+        self.x = QuantStream((parent.batch_size,), parent.capacity, config.hidden_size, o["bits"], o["group"], "token",
+                             o["residual"], parent.dtype, parent.device)
+
+    def attend(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
+        step = self.parent.step
+        history = self.x.read(step.length, step.history_positions)
+        self.x.write(x, positions)
+        keys = rebuild_keys(history @ self.wk.T, k, step)
+        return attend_absorbed_or_not(self.parent, q, keys, history, x, v, self.wv.T, step.mask)
+
+    def tensors(self) -> list[Tensor]:
+        return self.x.tensors()
+
+
+class XQuantGQALayer(LayerCache):
+    def __init__(self, parent: XQuantCache, index: int, attention) -> None:
+        super().__init__(parent, index)
+        o, config = parent.spec.options, parent.config
+        self.uk, self.mk = latent_factors(attention.k_proj.weight)
+        self.uv, self.mv = latent_factors(attention.v_proj.weight)
+        self.outlier = bool(o["outlier"])
+        lead, dtype = (parent.batch_size,), parent.dtype
+        key_channels = config.kv_dim - self.outlier
+        self.key_latents = QuantStream(lead, parent.capacity, key_channels, o["bits"], o["group"], "channel",
+                                       o["residual"], dtype, parent.device)
+        self.value_latents = QuantStream(lead, parent.capacity, config.kv_dim, o["bits"], o["group"], "token",
+                                         o["residual"], dtype, parent.device)
+        self.outlier_channel = (
+            QuantStream(lead, parent.capacity, 1, FULL_PRECISION, 1, "token", 0, dtype, parent.device)
+            if self.outlier else None
+        )
+
+    def attend(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
+        step = self.parent.step
+        key_latents = self.key_latents.read(step.length, step.history_positions)
+        if self.outlier_channel is not None:
+            key_latents = torch.cat((self.outlier_channel.read(step.length, step.history_positions), key_latents), -1)
+        value_latents = self.value_latents.read(step.length, step.history_positions)
+        new_key_latents = x @ self.uk
+        new_value_latents = x @ self.uv
+        if self.outlier_channel is not None:
+            self.outlier_channel.write(new_key_latents[..., :1], positions)
+        self.key_latents.write(new_key_latents[..., int(self.outlier):], positions)
+        self.value_latents.write(new_value_latents, positions)
+        keys = rebuild_keys(key_latents @ self.mk, k, step)
+        return attend_absorbed_or_not(self.parent, q, keys, value_latents, new_value_latents, v, self.mv, step.mask)
+
+    def tensors(self) -> list[Tensor]:
+        streams = [self.key_latents, self.value_latents] + ([self.outlier_channel] if self.outlier_channel else [])
+        # The SVD factors are derived weights (made once at load), not cached tokens: they are not counted here.
+        return [t for s in streams for t in s.tensors()]
+
+
+def latent_factors(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """(U, M) with `weightᵀ = U·M`: U [d, d_kv] the left singular vectors, M = Σ·Bᵀ [d_kv, d_kv] (exact, rank d_kv)."""
+    u, sigma, bt = torch.linalg.svd(weight.T.to(torch.float64), full_matrices=False)
+    return u.to(weight.dtype).contiguous(), (sigma[:, None] * bt).to(weight.dtype).contiguous()
+
+
+def rebuild_keys(history_keys: Tensor, new_keys: Tensor, step) -> Tensor:
+    """Rebuilt history keys [B, S, kv_dim] rotated at their positions, followed by the exact new keys (rotated)."""
+    batch, length, _ = history_keys.shape
+    heads, head_dim = new_keys.shape[1], new_keys.shape[3]
+    history = history_keys.view(batch, length, heads, head_dim).transpose(1, 2)
+    history = apply_rotary(history, *step.history_rope)
+    return torch.cat((history, apply_rotary(new_keys, step.cos, step.sin)), dim=2)
+
+
+def attend_absorbed_or_not(
+    parent: Cache, q: Tensor, keys: Tensor, history: Tensor, new: Tensor, v: Tensor, projection: Tensor, mask: Tensor
+) -> Tensor:
+    """Attention whose values are `[history; new] @ projection` per KV head (V = X·Wvᵀ, or latents·Mv).
+
+    Absorbed: weights · [history; new] first, then the projection, which skips rebuilding V; it pays while the
+    queries are few (decode), since it multiplies the weights by the wider X instead of V.
+    """
+    batch, heads, length, head_dim = q.shape
+    kv_heads = keys.shape[1]
+    absorb = parent.spec.options["absorb"] and length * heads <= projection.shape[1]
+    if not absorb:
+        values = torch.cat(((history @ projection).view(batch, -1, kv_heads, head_dim).transpose(1, 2), v), dim=2)
+        return attend(q, keys, values, mask)
+    group = heads // kv_heads
+    scores = q.reshape(batch, kv_heads, group * length, head_dim) @ keys.transpose(-1, -2) / math.sqrt(head_dim)
+    scores = scores.masked_fill(~mask.repeat(group, 1), float("-inf"))
+    weights = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    mixed = weights @ torch.cat((history, new), dim=-2).unsqueeze(1)  # [B, Hkv, group*T, width]
+    per_head = projection.view(projection.shape[0], kv_heads, head_dim).transpose(0, 1)  # [Hkv, width, head_dim]
+    out = mixed @ per_head
+    return out.reshape(batch, heads, length, head_dim)

@@ -1,0 +1,101 @@
+"""`xquant-cl`: cross-layer deltas of X against the previous layer's reconstruction (METHODS.md section 3).
+
+Layers below `base_layers` store plain XQuant at `base_bits`; the last of them starts the accumulator
+`X̂_i = X̂_{i-1} + Q(X_i - X̂_{i-1})`, which every later layer extends with its own delta at `bits`. The accumulator
+is a working buffer rebuilt at every step (history and new tokens), held by the model-level cache.
+GQA models store everything in the basis U_kv of each layer's [Wk | Wv] and keep the accumulator full width.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .base import Cache, CacheSpec, LayerCache, Option, refuse, register
+from .stream import FULL_PRECISION, QuantStream, stored_bits
+from .xquant import attend_absorbed_or_not, rebuild_keys
+
+
+@register("xquant-cl")
+class XQuantCLCache(Cache):
+    OPTIONS = {
+        "bits": Option(2, choices=(2, 3, 4, 8)),
+        "base_bits": Option(4, choices=(2, 3, 4, 8)),
+        "base_layers": Option(3, minimum=1),
+        "group": Option(128, minimum=1),
+        "absorb": Option(1, choices=(0, 1)),
+    }
+
+    def __init__(self, spec: CacheSpec, model, *args, **kwargs) -> None:
+        layers = model.config.num_layers
+        if spec.options["base_layers"] > layers:
+            refuse(spec, f"base_layers={spec.options['base_layers']} exceeds the model's {layers} layers "
+                         f"(accepted: 1..{layers})")
+        # X̂ of the previous layer, for the history (capacity slots) and for this step's new tokens.
+        self.previous_history: Tensor | None = None
+        self.previous_new: Tensor | None = None
+        super().__init__(spec, model, *args, **kwargs)
+
+    @property
+    def always_concat(self) -> bool:
+        return True
+
+    def make_layer(self, index: int, model) -> LayerCache:
+        return XQuantCLLayer(self, index, model.layers[index].self_attn)
+
+    def end(self) -> None:
+        super().end()
+        self.previous_history = self.previous_new = None
+
+    @classmethod
+    def layer_bits_per_element(cls, spec: CacheSpec, config, index: int, dtype: torch.dtype = torch.float16) -> float:
+        o = spec.options
+        width = 2 * config.kv_dim if config.is_gqa else config.hidden_size
+        bits = o["base_bits"] if index < o["base_layers"] else o["bits"]
+        per_element = float(torch.finfo(dtype).bits) if bits == FULL_PRECISION else stored_bits(bits, min(o["group"], width))
+        return width * per_element / (2 * config.kv_dim)
+
+
+class XQuantCLLayer(LayerCache):
+    def __init__(self, parent: XQuantCLCache, index: int, attention) -> None:
+        super().__init__(parent, index)
+        o, config = parent.spec.options, parent.config
+        self.is_base = index < o["base_layers"]
+        self.wk = attention.k_proj.weight
+        self.wv = attention.v_proj.weight
+        self.basis = shared_basis(self.wk, self.wv) if config.is_gqa else None
+        width = self.basis.shape[1] if self.basis is not None else config.hidden_size
+        bits = o["base_bits"] if self.is_base else o["bits"]
+        self.stream = QuantStream((parent.batch_size,), parent.capacity, width, bits, o["group"], "token", 0,
+                                  parent.dtype, parent.device)
+
+    def attend(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
+        parent, step = self.parent, self.parent.step
+        stored_history = self._to_model_basis(self.stream.read(step.length, step.history_positions))
+        if self.is_base:
+            stored_new = self.stream.write_reconstructed(self._to_stream_basis(x), positions)
+            history, new = stored_history, self._to_model_basis(stored_new)
+        else:
+            delta = self._to_stream_basis(x - parent.previous_new)
+            stored_new = self.stream.write_reconstructed(delta, positions)
+            history = parent.previous_history + stored_history
+            new = parent.previous_new + self._to_model_basis(stored_new)
+        parent.previous_history, parent.previous_new = history, new
+        keys = rebuild_keys(history @ self.wk.T, k, step)
+        return attend_absorbed_or_not(parent, q, keys, history, x, v, self.wv.T, step.mask)
+
+    def _to_stream_basis(self, x: Tensor) -> Tensor:
+        return x if self.basis is None else x @ self.basis
+
+    def _to_model_basis(self, y: Tensor) -> Tensor:
+        return y if self.basis is None else y @ self.basis.T
+
+    def tensors(self) -> list[Tensor]:
+        return self.stream.tensors()
+
+
+def shared_basis(wk: Tensor, wv: Tensor) -> Tensor:
+    """U_kv: the left singular vectors of [Wk | Wv] (d × 2·d_kv, row-vector convention), orthonormal columns."""
+    stacked = torch.cat((wk, wv), dim=0).T.to(torch.float64)
+    u, _, _ = torch.linalg.svd(stacked, full_matrices=False)
+    return u.to(wk.dtype).contiguous()
