@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -153,24 +154,27 @@ class Session:
         params = sampling or self.llm.sampling
         eos = set(self.llm.eos_ids)
         finish = "length"
-        for token in self.engine.generate(prompt, params, max_tokens, stop_ids=self.llm.eos_ids, stats=stats):
-            tokens.append(token)
-            if token in eos:
-                finish = "stop"
-                break
-            text, hit = stops.feed(detokenizer.add(token))
-            self.last.text += text
-            if text:
-                yield text
-            if hit:
-                finish = "stop"
-                break
-        else:
-            text, _ = stops.feed(detokenizer.flush())
-            tail = text + stops.flush()
-            self.last.text += tail
-            if tail:
-                yield tail
+        tokens_out = self.engine.generate(prompt, params, max_tokens, stop_ids=self.llm.eos_ids, stats=stats)
+        # closing() ends the engine's generator at once when a stop ends the loop, so its final stats are recorded.
+        with closing(tokens_out):
+            for token in tokens_out:
+                tokens.append(token)
+                if token in eos:
+                    finish = "stop"
+                    break
+                text, hit = stops.feed(detokenizer.add(token))
+                self.last.text += text
+                if text:
+                    yield text
+                if hit:
+                    finish = "stop"
+                    break
+            else:
+                text, _ = stops.feed(detokenizer.flush())
+                tail = text + stops.flush()
+                self.last.text += tail
+                if tail:
+                    yield tail
         self.last.finish_reason = finish
 
     def chat(self, user: str, **kwargs) -> Iterator[str]:

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import torch
 from torch import Tensor
 
 from .cache import Cache, CacheSpec, make_cache, parse_spec
-from .device import peak_memory, reset_peak_memory, synchronize
+from .device import peak_memory, reset_peak_memory
 from .errors import ContextError
 from .model import Transformer
 from .sampling import Sampler, SamplingParams
@@ -28,6 +28,8 @@ class GenerationStats:
     peak_memory_bytes: int = 0
     cache_bytes: int = 0
     cache_normalized_size: float = 0.0
+    cache_layer_bytes: list[int] = field(default_factory=list)
+    cache_layer_normalized_sizes: list[float] = field(default_factory=list)
     reused_tokens: int = 0
 
     @property
@@ -47,6 +49,8 @@ class GenerationStats:
             "peak_memory_bytes": self.peak_memory_bytes,
             "cache_bytes": self.cache_bytes,
             "cache_normalized_size": self.cache_normalized_size,
+            "cache_layer_bytes": self.cache_layer_bytes,
+            "cache_layer_normalized_sizes": self.cache_layer_normalized_sizes,
         }
 
 
@@ -144,32 +148,32 @@ class Engine:
         new_ids = list(prompt[reused:])
         self.check_room(len(new_ids) + max(max_new_tokens - 1, 0))
         sampler = Sampler(params, self.device)
-        context = torch.tensor([list(prompt)] * self.batch_size, dtype=torch.long, device=self.device)
+        # The seen-token context only matters to the repetition penalty; without one it is not kept.
+        penalized = params.repetition_penalty != 1.0
+        context = torch.tensor([list(prompt)] * self.batch_size, device=self.device) if penalized else None
         stop = set(stop_ids)
         stats.prompt_tokens, stats.reused_tokens = len(new_ids), reused
         reset_peak_memory(self.device)
-
-        start = time.perf_counter()
-        logits = self.prefill(new_ids)
-        token = sampler(logits, context)
-        synchronize(self.device)
-        stats.prefill_seconds = time.perf_counter() - start
-        decode_start = time.perf_counter()
-        for produced in range(max_new_tokens):
-            value = int(token[0])
-            stats.generated_tokens += 1
-            stats.decode_seconds = time.perf_counter() - decode_start
+        try:
+            start = time.perf_counter()
+            token = sampler(self.prefill(new_ids), context)
+            value = int(token[0])  # synchronizes the device
+            stats.prefill_seconds = time.perf_counter() - start
+            for produced in range(max_new_tokens):
+                stats.generated_tokens += 1
+                yield value
+                if value in stop or produced + 1 == max_new_tokens:
+                    break
+                # Only the step itself is timed, not the consumer's work between tokens.
+                start = time.perf_counter()
+                if penalized:
+                    context = torch.cat((context, token.view(-1, 1)), dim=1)
+                token = sampler(self.decode(token), context)
+                value = int(token[0])
+                stats.decode_seconds += time.perf_counter() - start
+                stats.decode_steps += 1
+        finally:
             self._record_memory(stats)
-            yield value
-            if value in stop or produced + 1 == max_new_tokens:
-                break
-            context = torch.cat((context, token.view(-1, 1)), dim=1)
-            logits = self.decode(token)
-            token = sampler(logits, context)
-            stats.decode_steps += 1
-        synchronize(self.device)
-        stats.decode_seconds = time.perf_counter() - decode_start
-        self._record_memory(stats)
 
     def _extends_cache(self, prompt: Sequence[int]) -> bool:
         # A cache cannot be rolled back, so it is reused only when the prompt strictly extends what it holds.
@@ -179,3 +183,5 @@ class Engine:
         stats.peak_memory_bytes = max(stats.peak_memory_bytes, peak_memory(self.device))
         stats.cache_bytes = self.cache.nbytes()
         stats.cache_normalized_size = self.cache.normalized_size()
+        stats.cache_layer_bytes = self.cache.layer_nbytes()
+        stats.cache_layer_normalized_sizes = self.cache.layer_normalized_sizes()
