@@ -123,13 +123,21 @@ def normalized_size(spec: CacheSpec, config: ModelConfig, dtype: torch.dtype = t
 
 @dataclass
 class Step:
-    """What every layer of one forward shares: where the new tokens go and who may attend to whom."""
+    """What every layer of one forward shares: where the new tokens go and who may attend to whom.
+
+    Two ways to attend, chosen by shape alone (never by data):
+    - `concat` (prefill chunks of compressed methods, ring prefill): attend over the history as it was before this
+      step ++ the exact new tokens. METHODS.md section 2: prefill attention uses the exact K and V.
+    - otherwise (decode): write the new token first, then attend over the buffer, reading it back like any other
+      token (exact while it is in the residual window, quantized otherwise, as `residual=0` promises).
+    """
 
     positions: Tensor  # [T] absolute positions of the new tokens
     length: Tensor  # scalar: tokens held before this step (= positions[0], positions being contiguous)
     slots: Tensor  # [min(T, capacity)] buffer slots of the last min(T, capacity) new tokens
-    history_positions: Tensor  # [capacity] positions held by the slots before this step (EMPTY_SLOT if none)
-    concat: bool  # attend over history ++ new tokens instead of the updated buffer
+    concat: bool
+    stored_positions: Tensor  # [capacity] positions of the slots as the method reads them (EMPTY_SLOT if none)
+    stored_length: Tensor  # scalar: tokens held when the method reads the buffer
     key_positions: Tensor  # positions of the keys attended over
     mask: Tensor  # [T, keys] True where attention is allowed
     cos: Tensor  # RoPE tables for the new tokens [T, head_dim]
@@ -138,12 +146,21 @@ class Step:
     dtype: torch.dtype
 
     @cached_property
-    def history_rope(self) -> tuple[Tensor, Tensor]:
-        """RoPE tables at the history's positions, for methods that rotate keys after rebuilding them."""
-        # Computed over the history and the new tokens together so that dynamic scaling sees the current length.
-        cos, sin = self.rotary.cos_sin(torch.cat((self.history_positions.clamp(min=0), self.positions)), self.dtype)
-        capacity = self.history_positions.shape[0]
+    def stored_rope(self) -> tuple[Tensor, Tensor]:
+        """RoPE tables at the stored slots' positions, for methods that rotate keys after rebuilding them."""
+        # Computed over the stored and the new positions together so that dynamic scaling sees the current length.
+        capacity = self.stored_positions.shape[0]
+        cos, sin = self.rotary.cos_sin(torch.cat((self.stored_positions.clamp(min=0), self.positions)), self.dtype)
         return cos[:capacity], sin[:capacity]
+
+    def read_around_write(self, write: Callable[[], None], read: Callable[[], Any]) -> Any:
+        """Runs a layer's write and read in the order this step attends in: read first when concatenating."""
+        if self.concat:
+            stored = read()
+            write()
+            return stored
+        write()
+        return read()
 
 
 class Cache:
@@ -179,6 +196,8 @@ class Cache:
         self.rotary: Rotary = model.rotary
         self.slot_positions = torch.full((self.capacity,), EMPTY_SLOT, dtype=torch.long, device=self.device)
         self.step: Step | None = None
+        # The papers' `sim` protocol: the new tokens, too, are attended through their quantized form.
+        self.simulate = False
         self.layers = [self.make_layer(i, model) for i in range(config.num_layers)]
 
     @property
@@ -213,12 +232,14 @@ class Cache:
         slots = written % self.capacity
         history = self.slot_positions
         updated = history.index_copy(0, slots, written)
-        concat = self.always_concat or (self.is_ring and positions.shape[0] > 1)
+        length = positions.shape[0]
+        concat = length > 1 and (self.always_concat or self.is_ring)
         key_positions = torch.cat((history, positions)) if concat else updated
+        stored_positions, stored_length = (history, positions[0]) if concat else (updated, positions[-1] + 1)
         cos, sin = self.rotary.cos_sin(positions, self.dtype)
         mask = attention_mask(positions, key_positions, self.window)
-        self.step = Step(positions, positions[0], slots, history, concat, key_positions, mask, cos, sin,
-                         self.rotary, self.dtype)
+        self.step = Step(positions, positions[0], slots, concat, stored_positions, stored_length, key_positions,
+                         mask, cos, sin, self.rotary, self.dtype)
         self._updated_slots = updated
 
     def end(self) -> None:

@@ -61,14 +61,27 @@ class KIVILayerCache(LayerCache):
     def attend(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
         step = self.parent.step
         k_rotated = apply_rotary(k, step.cos, step.sin)
-        history_k = self.keys.read(step.length, step.history_positions)
-        if self.prerope:
-            history_k = apply_rotary(history_k, *step.history_rope)
-        history_v = self.values.read(step.length, step.history_positions)
-        self.keys.write(k if self.prerope else k_rotated, positions)
-        self.values.write(v, positions)
-        keys = torch.cat((history_k, k_rotated), dim=-2)
-        values = torch.cat((history_v, v), dim=-2)
+        stored_k = k if self.prerope else k_rotated
+
+        def write() -> None:
+            self.keys.write(stored_k, positions)
+            self.values.write(v, positions)
+
+        def read() -> tuple[Tensor, Tensor]:
+            keys = self.keys.read(step.stored_length, step.stored_positions)
+            if self.prerope:
+                keys = apply_rotary(keys, *step.stored_rope)
+            return keys, self.values.read(step.stored_length, step.stored_positions)
+
+        keys, values = step.read_around_write(write, read)
+        if step.concat:
+            new_k, new_v = k_rotated, v
+            if self.parent.simulate:
+                new_k = self.keys.simulate(stored_k)
+                new_k = apply_rotary(new_k, step.cos, step.sin) if self.prerope else new_k
+                new_v = self.values.simulate(v)
+            keys = torch.cat((keys, new_k), dim=-2)
+            values = torch.cat((values, new_v), dim=-2)
         return attend(q, keys, values, step.mask)
 
     def tensors(self) -> list[Tensor]:

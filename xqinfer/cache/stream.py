@@ -106,6 +106,21 @@ class QuantStream:
         flush = self.residual or self.group
         return torch.div(length, flush, rounding_mode="floor") * flush
 
+    def simulate(self, y: Tensor) -> Tensor:
+        """y [..., T, C] as the `sim` protocol reads it: quantized and dequantized, groups from y's first token.
+
+        A trailing per-channel group shorter than G is quantized over the tokens it has (padding with copies of its
+        last token leaves its min and max, hence its scale and zero, unchanged).
+        """
+        if self.passthrough:
+            return y
+        count = y.shape[-2]
+        pad = (-count) % self.group if self.axis == "channel" else 0
+        if pad:
+            y = torch.cat((y, y[..., -1:, :].expand(*y.shape[:-2], pad, y.shape[-1])), dim=-2)
+        out = quant.fake_quantize(y, self.bits, self.group, self.axis, scale_dtype=self.scale_dtype)
+        return out[..., :count, :]
+
     # ------------------------------------------------------------------------------------------------ write
 
     def write(self, y: Tensor, positions: Tensor) -> None:

@@ -70,10 +70,17 @@ class XQuantMHALayer(LayerCache):
 
     def attend(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
         step = self.parent.step
-        history = self.x.read(step.length, step.history_positions)
-        self.x.write(x, positions)
-        keys = rebuild_keys(history @ self.wk.T, k, step)
-        return attend_absorbed_or_not(self.parent, q, keys, history, x, v, self.wv.T, step.mask)
+        stored = step.read_around_write(
+            lambda: self.x.write(x, positions), lambda: self.x.read(step.stored_length, step.stored_positions)
+        )
+        keys = rotate_stored_keys(stored @ self.wk.T, k.shape, step)
+        if not step.concat:
+            return attend_values(self.parent, q, keys, stored, self.wv.T, step.mask)
+        if self.parent.simulate:
+            x = self.x.simulate(x)
+            k = (x @ self.wk.T).view(k.shape[0], -1, k.shape[1], k.shape[3]).transpose(1, 2)
+        keys = torch.cat((keys, apply_rotary(k, step.cos, step.sin)), dim=2)
+        return attend_values(self.parent, q, keys, torch.cat((stored, x), dim=-2), self.wv.T, step.mask)
 
     def tensors(self) -> list[Tensor]:
         return self.x.tensors()
@@ -99,18 +106,34 @@ class XQuantGQALayer(LayerCache):
 
     def attend(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
         step = self.parent.step
-        key_latents = self.key_latents.read(step.length, step.history_positions)
+        new_keys, new_values = x @ self.uk, x @ self.uv
+        stored_keys, stored_values = step.read_around_write(
+            lambda: self._write(new_keys, new_values, positions), lambda: self._read(step)
+        )
+        if step.concat:
+            if self.parent.simulate:
+                new_keys, new_values = self._simulate(new_keys), self.value_latents.simulate(new_values)
+            stored_keys = torch.cat((stored_keys, new_keys), dim=-2)
+            stored_values = torch.cat((stored_values, new_values), dim=-2)
+        keys = rotate_stored_keys(stored_keys @ self.mk, k.shape, step)
+        return attend_values(self.parent, q, keys, stored_values, self.mv, step.mask)
+
+    def _write(self, key_latents: Tensor, value_latents: Tensor, positions: Tensor) -> None:
         if self.outlier_channel is not None:
-            key_latents = torch.cat((self.outlier_channel.read(step.length, step.history_positions), key_latents), -1)
-        value_latents = self.value_latents.read(step.length, step.history_positions)
-        new_key_latents = x @ self.uk
-        new_value_latents = x @ self.uv
+            self.outlier_channel.write(key_latents[..., :1], positions)
+        self.key_latents.write(key_latents[..., int(self.outlier):], positions)
+        self.value_latents.write(value_latents, positions)
+
+    def _read(self, step) -> tuple[Tensor, Tensor]:
+        keys = self.key_latents.read(step.stored_length, step.stored_positions)
         if self.outlier_channel is not None:
-            self.outlier_channel.write(new_key_latents[..., :1], positions)
-        self.key_latents.write(new_key_latents[..., int(self.outlier):], positions)
-        self.value_latents.write(new_value_latents, positions)
-        keys = rebuild_keys(key_latents @ self.mk, k, step)
-        return attend_absorbed_or_not(self.parent, q, keys, value_latents, new_value_latents, v, self.mv, step.mask)
+            keys = torch.cat((self.outlier_channel.read(step.stored_length, step.stored_positions), keys), dim=-1)
+        return keys, self.value_latents.read(step.stored_length, step.stored_positions)
+
+    def _simulate(self, key_latents: Tensor) -> Tensor:
+        if self.outlier_channel is None:
+            return self.key_latents.simulate(key_latents)
+        return torch.cat((key_latents[..., :1], self.key_latents.simulate(key_latents[..., 1:])), dim=-1)
 
     def tensors(self) -> list[Tensor]:
         streams = [self.key_latents, self.value_latents] + ([self.outlier_channel] if self.outlier_channel else [])
@@ -124,34 +147,37 @@ def latent_factors(weight: Tensor) -> tuple[Tensor, Tensor]:
     return u.to(weight.dtype).contiguous(), (sigma[:, None] * bt).to(weight.dtype).contiguous()
 
 
-def rebuild_keys(history_keys: Tensor, new_keys: Tensor, step) -> Tensor:
-    """Rebuilt history keys [B, S, kv_dim] rotated at their positions, followed by the exact new keys (rotated)."""
-    batch, length, _ = history_keys.shape
-    heads, head_dim = new_keys.shape[1], new_keys.shape[3]
-    history = history_keys.view(batch, length, heads, head_dim).transpose(1, 2)
-    history = apply_rotary(history, *step.history_rope)
-    return torch.cat((history, apply_rotary(new_keys, step.cos, step.sin)), dim=2)
+def rotate_stored_keys(keys: Tensor, head_shape: torch.Size, step) -> Tensor:
+    """Rebuilt keys [B, N, kv_dim] -> [B, Hkv, N, head_dim], rotated at their positions.
+
+    N is the capacity (the stored slots, at `step.stored_positions`) or capacity + T when the new tokens were
+    appended (`step.concat`), whose tables are the step's own.
+    """
+    batch, count, _ = keys.shape
+    keys = keys.view(batch, count, head_shape[1], head_shape[3]).transpose(1, 2)
+    cos, sin = step.stored_rope
+    if count > cos.shape[0]:
+        cos, sin = torch.cat((cos, step.cos)), torch.cat((sin, step.sin))
+    return apply_rotary(keys, cos, sin)
 
 
-def attend_absorbed_or_not(
-    parent: Cache, q: Tensor, keys: Tensor, history: Tensor, new: Tensor, v: Tensor, projection: Tensor, mask: Tensor
-) -> Tensor:
-    """Attention whose values are `[history; new] @ projection` per KV head (V = X·Wvᵀ, or latents·Mv).
+def attend_values(parent: Cache, q: Tensor, keys: Tensor, sources: Tensor, projection: Tensor, mask: Tensor) -> Tensor:
+    """Attention whose values are `sources @ projection`, split per KV head (V = X·Wv, or latents·Mv).
 
-    Absorbed: weights · [history; new] first, then the projection, which skips rebuilding V; it pays while the
-    queries are few (decode), since it multiplies the weights by the wider X instead of V.
+    Absorbed: weights · sources first, then the projection, which skips rebuilding V; it pays while the queries
+    are few (decode), since the weighted sum then runs over the wider X instead of V.
     """
     batch, heads, length, head_dim = q.shape
     kv_heads = keys.shape[1]
     absorb = parent.spec.options["absorb"] and length * heads <= projection.shape[1]
     if not absorb:
-        values = torch.cat(((history @ projection).view(batch, -1, kv_heads, head_dim).transpose(1, 2), v), dim=2)
+        values = (sources @ projection).view(batch, -1, kv_heads, head_dim).transpose(1, 2)
         return attend(q, keys, values, mask)
     group = heads // kv_heads
     scores = q.reshape(batch, kv_heads, group * length, head_dim) @ keys.transpose(-1, -2) / math.sqrt(head_dim)
     scores = scores.masked_fill(~mask.repeat(group, 1), float("-inf"))
     weights = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-    mixed = weights @ torch.cat((history, new), dim=-2).unsqueeze(1)  # [B, Hkv, group*T, width]
+    mixed = weights @ sources.unsqueeze(1)  # [B, Hkv, group*T, width]
     per_head = projection.view(projection.shape[0], kv_heads, head_dim).transpose(0, 1)  # [Hkv, width, head_dim]
     out = mixed @ per_head
     return out.reshape(batch, heads, length, head_dim)

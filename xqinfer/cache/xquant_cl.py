@@ -11,9 +11,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..rope import apply_rotary
+
 from .base import Cache, CacheSpec, LayerCache, Option, refuse, register
 from .stream import FULL_PRECISION, QuantStream, stored_bits
-from .xquant import attend_absorbed_or_not, rebuild_keys
+from .xquant import attend_values, rotate_stored_keys
 
 
 @register("xquant-cl")
@@ -31,7 +33,7 @@ class XQuantCLCache(Cache):
         if spec.options["base_layers"] > layers:
             refuse(spec, f"base_layers={spec.options['base_layers']} exceeds the model's {layers} layers "
                          f"(accepted: 1..{layers})")
-        # X̂ of the previous layer, for the history (capacity slots) and for this step's new tokens.
+        # X̂ of the previous layer, for the stored slots and for this step's new tokens.
         self.previous_history: Tensor | None = None
         self.previous_new: Tensor | None = None
         super().__init__(spec, model, *args, **kwargs)
@@ -71,18 +73,23 @@ class XQuantCLLayer(LayerCache):
 
     def attend(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
         parent, step = self.parent, self.parent.step
-        stored_history = self._to_model_basis(self.stream.read(step.length, step.history_positions))
-        if self.is_base:
-            stored_new = self.stream.write_reconstructed(self._to_stream_basis(x), positions)
-            history, new = stored_history, self._to_model_basis(stored_new)
-        else:
-            delta = self._to_stream_basis(x - parent.previous_new)
-            stored_new = self.stream.write_reconstructed(delta, positions)
-            history = parent.previous_history + stored_history
-            new = parent.previous_new + self._to_model_basis(stored_new)
-        parent.previous_history, parent.previous_new = history, new
-        keys = rebuild_keys(history @ self.wk.T, k, step)
-        return attend_absorbed_or_not(parent, q, keys, history, x, v, self.wv.T, step.mask)
+        source = x if self.is_base else x - parent.previous_new
+        written: list[Tensor] = []
+        stored = step.read_around_write(
+            lambda: written.append(self.stream.write_reconstructed(self._to_stream_basis(source), positions)),
+            lambda: self._to_model_basis(self.stream.read(step.stored_length, step.stored_positions)),
+        )
+        new = self._to_model_basis(written[0])
+        if not self.is_base:
+            stored, new = parent.previous_history + stored, parent.previous_new + new
+        parent.previous_history, parent.previous_new = stored, new
+        keys = rotate_stored_keys(stored @ self.wk.T, k.shape, step)
+        if not step.concat:
+            return attend_values(parent, q, keys, stored, self.wv.T, step.mask)
+        attended = new if parent.simulate else x
+        new_keys = k if not parent.simulate else (new @ self.wk.T).view(k.shape[0], -1, k.shape[1], k.shape[3]).transpose(1, 2)
+        keys = torch.cat((keys, apply_rotary(new_keys, step.cos, step.sin)), dim=2)
+        return attend_values(parent, q, keys, torch.cat((stored, attended), dim=-2), self.wv.T, step.mask)
 
     def _to_stream_basis(self, x: Tensor) -> Tensor:
         return x if self.basis is None else x @ self.basis
