@@ -90,10 +90,11 @@ def _generation_defaults(directory: Path, config: ModelConfig, tokenizer: Tokeni
     eos = data.get("eos_token_id", None)
     eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if isinstance(eos, int) else ())
     eos_ids = tuple(dict.fromkeys(eos_ids + config.eos_token_ids + tokenizer.eos_ids))
-    # transformers samples only when do_sample is true; its temperature/top_p then apply.
+    # transformers samples only when do_sample is true; its temperature/top_k/top_p then apply, top_k
+    # defaulting to 50 as in its GenerationConfig.
     sampling = SamplingParams(
         temperature=float(data.get("temperature", 1.0)) if data.get("do_sample") else 0.0,
-        top_k=int(data.get("top_k", 0) or 0) if data.get("do_sample") else 0,
+        top_k=int(data.get("top_k", 50) or 0) if data.get("do_sample") else 0,
         top_p=float(data.get("top_p", 1.0) or 1.0),
         min_p=float(data.get("min_p", 0.0) or 0.0),
         repetition_penalty=float(data.get("repetition_penalty", 1.0) or 1.0),
@@ -198,11 +199,11 @@ class StopMatcher:
     def feed(self, text: str) -> tuple[str, bool]:
         """Returns (text safe to show, whether a stop string was reached)."""
         self.pending += text
-        for stop in self.stops:
-            index = self.pending.find(stop)
-            if index >= 0:
-                out, self.pending = self.pending[:index], ""
-                return out, True
+        found = [i for i in (self.pending.find(stop) for stop in self.stops) if i >= 0]
+        if found:
+            # The earliest stop ends the text, whichever of them comes first in the list.
+            out, self.pending = self.pending[: min(found)], ""
+            return out, True
         keep = max((_overlap(self.pending, stop) for stop in self.stops), default=0)
         out = self.pending[: len(self.pending) - keep]
         self.pending = self.pending[len(out) :]

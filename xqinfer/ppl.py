@@ -1,0 +1,235 @@
+"""Perplexity of several cache methods over one text, window by window, under the `sim` or `stream` protocol.
+
+Windows, tokenization and the formula follow METHODS.md section 9 (the GPTQ/KVQuant WikiText-2 convention):
+the whole file is tokenized once (CRLF -> LF, the tokenizer's BOS once at the start), cut into non-overlapping
+windows of `ctx` tokens with the partial tail dropped, and PPL = exp(mean cross-entropy over every position of
+every window that has a next token). Every method scores exactly the same positions, and `fp16` always runs first
+as the baseline, so ΔPPL and the KL divergence compare like with like.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+
+from .api import LLM
+from .cache import CacheSpec, make_cache, parse_spec
+from .cache.base import normalized_size
+from .errors import XQInferError
+
+PROTOCOLS = ("sim", "stream")
+BASELINE = "fp16"
+
+
+def read_text(path: str | Path) -> str:
+    """The dataset as text; refuses what is missing, empty, binary or not UTF-8."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise XQInferError(f"dataset {path} does not exist") from None
+    except IsADirectoryError:
+        raise XQInferError(f"dataset {path} is a directory; pass a text file") from None
+    if b"\x00" in data:
+        raise XQInferError(f"dataset {path} is binary (it contains NUL bytes); pass a UTF-8 text file")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise XQInferError(f"dataset {path} is not UTF-8 text (invalid byte at offset {exc.start})") from None
+    if not text.strip():
+        raise XQInferError(f"dataset {path} is empty")
+    return text.replace("\r\n", "\n")
+
+
+def make_windows(ids: list[int], ctx: int, limit: int | None = None) -> list[list[int]]:
+    """Non-overlapping windows of `ctx` tokens, the partial tail dropped, at most `limit` of them."""
+    if ctx < 2:
+        raise XQInferError("--ctx must be at least 2 (a window needs a next token to score)")
+    if len(ids) < ctx:
+        raise XQInferError(f"the text has {len(ids)} tokens, fewer than one window of --ctx {ctx}; "
+                           f"use --ctx {len(ids)} or less")
+    windows = [ids[start : start + ctx] for start in range(0, len(ids) - ctx + 1, ctx)]
+    return windows[:limit] if limit else windows
+
+
+@dataclass
+class MethodScore:
+    """Running sums for one method; the figures are derived from them."""
+
+    spec: CacheSpec
+    normalized_size: float
+    nll_sum: float = 0.0
+    nll_squares: float = 0.0
+    kld_sum: float = 0.0
+    tokens: int = 0
+    windows: int = 0
+    seconds: float = 0.0
+
+    @property
+    def mean_nll(self) -> float:
+        return self.nll_sum / self.tokens if self.tokens else float("nan")
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(self.mean_nll) if self.tokens else float("nan")
+
+    @property
+    def ppl_stderr(self) -> float:
+        """Standard error of the PPL, propagated from that of the mean NLL (as llama-perplexity reports it)."""
+        if self.tokens < 2:
+            return float("nan")
+        variance = max(self.nll_squares / self.tokens - self.mean_nll**2, 0.0) * self.tokens / (self.tokens - 1)
+        return self.ppl * math.sqrt(variance / self.tokens)
+
+    @property
+    def kld(self) -> float:
+        return self.kld_sum / self.tokens if self.tokens else float("nan")
+
+
+@dataclass
+class PerplexityReport:
+    dataset: str
+    model: str
+    protocol: str
+    ctx: int
+    chunk: int
+    windows_total: int
+    scores: list[MethodScore]
+    with_kld: bool
+    interrupted: bool = False
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def baseline(self) -> MethodScore:
+        return self.scores[0]
+
+    def rows(self) -> list[dict]:
+        base = self.baseline.ppl
+        rows = []
+        for score in self.scores:
+            row = {
+                "spec": str(score.spec),
+                "bits": bits_label(score.spec),
+                "normalized_size": score.normalized_size,
+                "compression": 1.0 / score.normalized_size if score.normalized_size else float("inf"),
+                "ppl": score.ppl,
+                "ppl_stderr": score.ppl_stderr,
+                "delta_ppl": score.ppl - base,
+                "kld": score.kld if self.with_kld else None,
+                "tokens": score.tokens,
+                "windows": score.windows,
+                "seconds": score.seconds,
+            }
+            rows.append(row)
+        return rows
+
+    def as_dict(self) -> dict:
+        return {
+            "dataset": self.dataset,
+            "model": self.model,
+            "protocol": self.protocol,
+            "ctx": self.ctx,
+            "chunk": self.chunk,
+            "windows_total": self.windows_total,
+            "interrupted": self.interrupted,
+            "methods": self.rows(),
+            **self.extra,
+        }
+
+
+def bits_label(spec: CacheSpec) -> str:
+    o = spec.options
+    if "bits" not in o:
+        return "16"
+    if "base_bits" in o:
+        return f"{o['bits']} (first {o['base_layers']} at {o['base_bits']})"
+    return str(o["bits"])
+
+
+def perplexity(
+    llm: LLM,
+    dataset: str | Path,
+    specs: Iterable[str | CacheSpec],
+    *,
+    ctx: int,
+    protocol: str = "sim",
+    chunk: int = 1,
+    limit: int | None = None,
+    kld: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> PerplexityReport:
+    """Scores every method on the same windows; on KeyboardInterrupt returns what complete windows gave.
+
+    `progress(done, total)` is called after each (window, method) pass.
+    """
+    if protocol not in PROTOCOLS:
+        raise XQInferError(f"unknown protocol {protocol!r} (accepted: {', '.join(PROTOCOLS)})")
+    if chunk < 1:
+        raise XQInferError("--chunk must be at least 1")
+    limit_positions = llm.config.max_position_embeddings
+    if ctx > limit_positions:
+        raise XQInferError(f"--ctx {ctx} exceeds the model's {limit_positions} positions")
+    parsed = [parse_spec(s) if isinstance(s, str) else s for s in specs]
+    parsed = [parse_spec(BASELINE)] + [s for s in parsed if str(s) != BASELINE]
+    windows = make_windows(llm.tokenizer.encode(read_text(dataset), add_bos=True), ctx, limit)
+    caches = [make_cache(spec, llm.model, ctx) for spec in parsed]
+    for cache in caches:
+        cache.simulate = protocol == "sim"
+    scores = [MethodScore(spec, normalized_size(spec, llm.config, llm.dtype)) for spec in parsed]
+    report = PerplexityReport(str(dataset), llm.name, protocol, ctx, chunk, len(windows), scores, kld)
+    total, done = len(windows) * len(parsed), 0
+    try:
+        for window in windows:
+            tokens = torch.tensor([window], device=llm.device)
+            pending = []
+            reference = None
+            for cache, score in zip(caches, scores):
+                start = time.perf_counter()
+                logits = window_logits(llm, cache, tokens, protocol, chunk)
+                log_probs = F.log_softmax(logits[0, :-1].float(), dim=-1)
+                nll = -log_probs.gather(-1, tokens[0, 1:, None]).squeeze(-1)
+                divergence = 0.0
+                if reference is None:
+                    reference = log_probs
+                elif kld:
+                    divergence = F.kl_div(log_probs, reference, log_target=True, reduction="sum").item()
+                pending.append((score, nll.sum().item(), nll.pow(2).sum().item(), divergence, nll.numel(),
+                                time.perf_counter() - start))
+                done += 1
+                if progress:
+                    progress(done, total)
+            # A window counts only once every method has scored it, so an interrupted table stays comparable.
+            for score, nll_sum, nll_squares, divergence, count, seconds in pending:
+                score.nll_sum += nll_sum
+                score.nll_squares += nll_squares
+                score.kld_sum += divergence
+                score.tokens += count
+                score.windows += 1
+                score.seconds += seconds
+    except KeyboardInterrupt:
+        report.interrupted = True
+    return report
+
+
+@torch.inference_mode()
+def window_logits(llm: LLM, cache, tokens: torch.Tensor, protocol: str, chunk: int) -> torch.Tensor:
+    """Logits [1, ctx, vocab] of one window through a freshly reset cache."""
+    cache.reset()
+    length = tokens.shape[1]
+    if protocol == "sim":
+        if length > cache.max_chunk:
+            raise XQInferError(f"the sim protocol runs a window in one pass; this cache takes at most "
+                               f"{cache.max_chunk} tokens at once (sliding window): use a smaller --ctx")
+        return llm.model(tokens, torch.arange(length, device=tokens.device), cache)
+    step = min(chunk, cache.max_chunk)
+    pieces = []
+    for start in range(0, length, step):
+        positions = torch.arange(start, min(start + step, length), device=tokens.device)
+        pieces.append(llm.model(tokens[:, start : start + step], positions, cache))
+    return torch.cat(pieces, dim=1)
