@@ -137,6 +137,7 @@ class Session:
         """Forgets the conversation (keeping the system prompt) and empties the cache."""
         self.messages = [m for m in self.messages if m["role"] == "system"]
         self.engine.reset()
+        self.last = None
 
     def stream(
         self,

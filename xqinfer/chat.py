@@ -7,6 +7,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from . import api
 from .errors import XQInferError
@@ -47,7 +48,7 @@ class ChatREPL:
     def run(self) -> None:
         if not self.llm.tokenizer.has_chat_template:
             self.err.print("[yellow]the model has no chat template: using a plain transcript[/yellow]")
-        self.err.print(f"[dim]chatting with {self.llm.name} ({self.session.engine.spec} cache, "
+        self.err.print(f"[dim]chatting with {escape(self.llm.name)} ({escape(str(self.session.engine.spec))} cache, "
                        f"{self.session.engine.capacity} tokens). /help for commands, Ctrl-D to leave.[/dim]")
         while True:
             try:
@@ -57,6 +58,12 @@ class ChatREPL:
                 return
             except KeyboardInterrupt:
                 self.out.print("\n[dim](Ctrl-D or /exit to leave)[/dim]")
+                continue
+            except UnicodeDecodeError:
+                self.err.print("that line is not UTF-8 text: ignored")
+                continue
+            if not is_text(line):  # undecodable bytes that stdin kept as surrogates
+                self.err.print("that line is not UTF-8 text: ignored")
                 continue
             line = line.strip()
             if not line:
@@ -68,19 +75,39 @@ class ChatREPL:
             self.reply(line)
 
     def reply(self, text: str) -> None:
+        before, previous = len(self.session.messages), self.session.last
+        budget = self.max_tokens
         try:
-            for chunk in self.session.chat(text, max_tokens=self.max_tokens, sampling=self.sampling):
+            budget = self.reply_budget(text)
+            for chunk in self.session.chat(text, max_tokens=budget, sampling=self.sampling):
                 self.out.print(chunk, end="", markup=False, highlight=False, soft_wrap=True)
         except KeyboardInterrupt:
-            self.out.print("\n[dim][reply interrupted][/dim]", end="")
+            self.out.print("\n[dim]\\[reply interrupted][/dim]", end="")
         except XQInferError as exc:
-            # A full context ends this reply, not the chat: the user can /reset and go on.
-            self.session.messages.pop()
+            # A full context ends this turn, not the chat: the turn is forgotten (Session.chat recorded the user's
+            # message and an empty reply), and the user can /reset and go on.
+            del self.session.messages[before:]
+            self.session.last = previous  # /stats keeps showing the last reply, not the refused one's zeros
             self.out.print()
-            self.err.print(f"[red]error:[/red] {exc}; /reset starts over")
+            self.err.print(f"[red]error:[/red] {escape(one_line(exc))}; /reset starts over")
             return
         self.out.print()
-        self.err.print(f"[dim]{stats_summary(self.session)}[/dim]")
+        last = self.session.last
+        if last is not None and budget < self.max_tokens and last.finish_reason == "length":
+            self.err.print("[yellow]the context is full: /reset starts over[/yellow]")
+        self.err.print(f"[dim]{escape(stats_summary(self.session))}[/dim]")
+
+    def reply_budget(self, text: str) -> int:
+        """max_tokens, cut to the room the context has left: a long conversation's last reply ends at the limit
+        instead of being refused outright."""
+        engine = self.session.engine
+        messages = self.session.messages + [{"role": "user", "content": text}]
+        prompt = self.llm.tokenizer.encode_chat(messages, add_generation_prompt=True)
+        limit = engine.max_positions if engine.cache.is_ring else engine.capacity
+        # The engine needs room for the prompt and every generated token but the last (which is never fed back).
+        room = limit - len(prompt) + 1
+        # With no room at all, asking for one token lets the session raise its "does not fit" error.
+        return max(1, min(self.max_tokens, room))
 
     def command(self, line: str) -> bool:
         """Runs a /command; returns False when the chat should end."""
@@ -100,7 +127,7 @@ class ChatREPL:
         elif name == "/save":
             self.save(rest)
         else:
-            self.err.print(f"unknown command {name}; /help lists them")
+            self.err.print(f"unknown command {escape(name)}; /help lists them")
         return True
 
     def set_option(self, text: str) -> None:
@@ -117,25 +144,45 @@ class ChatREPL:
                 kind = int if key in ("top_k", "seed") else float
                 self.sampling = self.sampling.updated(**{key: kind(value)})
         except ValueError as exc:
-            self.err.print(f"cannot set {key} to {value!r}: {exc}")
+            self.err.print(f"cannot set {key} to {escape(repr(value))}: {escape(one_line(exc))}")
             return
-        self.out.print(f"[dim]{key} = {value}[/dim]")
+        self.out.print(f"[dim]{key} = {escape(value)}[/dim]")
 
     def save(self, name: str) -> None:
         if not name:
             self.err.print("usage: /save FILE")
             return
         path = Path(name).expanduser()
-        if path.exists():
-            self.err.print(f"{path} already exists: choose another name (xqinfer never overwrites a file)")
+        text = json.dumps({"model": self.llm.name, "messages": self.session.messages}, indent=2, ensure_ascii=False)
+        try:
+            # Mode "x" creates the file or fails: an existing file is never touched, even one made a moment ago.
+            handle = path.open("x", encoding="utf-8")
+        except FileExistsError:
+            self.err.print(f"{escape(str(path))} already exists: choose another name (xqinfer never overwrites a file)")
+            return
+        except OSError as exc:
+            self.err.print(f"cannot write {escape(str(path))}: {escape(exc.strerror or str(exc))}")
             return
         try:
-            path.write_text(json.dumps({"model": self.llm.name, "messages": self.session.messages}, indent=2,
-                                       ensure_ascii=False) + "\n", encoding="utf-8")
+            with handle:
+                handle.write(text + "\n")
         except OSError as exc:
-            self.err.print(f"cannot write {path}: {exc.strerror}")
+            path.unlink(missing_ok=True)  # the half-written file is the one just created here, never the user's
+            self.err.print(f"cannot write {escape(str(path))}: {escape(exc.strerror or str(exc))}")
             return
-        self.out.print(f"[dim]saved {len(self.session.messages)} messages to {path}[/dim]")
+        self.out.print(f"[dim]saved {len(self.session.messages)} messages to {escape(str(path))}[/dim]")
+
+
+def is_text(line: str) -> bool:
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def one_line(text: object) -> str:
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
 
 
 def stats_summary(session: api.Session) -> str:

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import NoReturn, Optional
 
 import torch
 import typer
 from rich.console import Console
+from rich.markup import escape
+
+try:  # typer >= 0.16 vendors click; older releases use click itself
+    from typer._click import exceptions as click_exceptions
+except ImportError:  # pragma: no cover
+    from click import exceptions as click_exceptions
+# click < 8.2 has no such error: `xqinfer` alone prints the help and exits through Exit there.
+NoArgsIsHelpError = getattr(click_exceptions, "NoArgsIsHelpError", ())
 
 from . import api
 from .errors import XQInferError
@@ -23,7 +32,8 @@ app = typer.Typer(
     help="Long-context LLM inference with compressed (XQuant, KIVI, ...) caches.",
 )
 err = Console(stderr=True, highlight=False, soft_wrap=True)
-out = Console(highlight=False)
+# soft_wrap: rich must not break long lines (stats, /help, errors) when the output is a pipe or a file.
+out = Console(highlight=False, soft_wrap=True)
 
 ModelArg = typer.Argument(None, help="Model directory or Hugging Face hub id (default: the embedded random-weight preset).")
 PresetOpt = typer.Option(None, "--preset", help="Architecture preset from models/ with seeded random weights.")
@@ -78,6 +88,7 @@ def generate(
 ) -> None:
     """Continue a prompt, streaming the text, then print speed and memory."""
     text = read_prompt(prompt, prompt_file)
+    check_text(system, "--system")
     llm = load_llm(model, preset, dtype, device)
     if not llm.tokenizer.has_chat_template and (chat or (chat is None and system is not None)):
         err.print("[yellow]the model has no chat template: using a plain transcript[/yellow]")
@@ -107,9 +118,22 @@ def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
             raise XQInferError(f"prompt file {prompt_file} does not exist") from None
         except UnicodeDecodeError:
             raise XQInferError(f"prompt file {prompt_file} is not UTF-8 text") from None
+        except OSError as exc:  # a directory, no permission, ...
+            raise XQInferError(f"cannot read prompt file {prompt_file}: {exc.strerror or exc}") from None
     if prompt is None:
         raise XQInferError("no prompt: pass --prompt TEXT or --prompt-file FILE")
+    check_text(prompt, "--prompt")
     return prompt
+
+
+def check_text(text: str | None, what: str) -> None:
+    """Arguments that are not valid UTF-8 reach Python as lone surrogates, which no tokenizer takes."""
+    if text is None:
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise XQInferError(f"{what} is not valid UTF-8 text") from None
 
 
 @app.command()
@@ -132,25 +156,54 @@ def chat(
     """Talk to a model; the cache is kept between turns, so each turn costs only its own tokens."""
     from .chat import ChatREPL
 
+    check_text(system, "--system")
     llm = load_llm(model, preset, dtype, device)
     sampling = sampling_from(llm, temperature, top_p, top_k, min_p, repeat_penalty, seed)
     ChatREPL(llm, out, err, cache=cache, ctx=ctx, system=system, sampling=sampling, max_tokens=max_tokens).run()
 
 
+def one_line(text: object) -> str:
+    """A message on one line: the CLI's errors are always a single line on stderr."""
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
+def fail(message: object, code: int = 1) -> NoReturn:
+    # escape(): a message quotes user text (paths, specs) that rich must not read as markup.
+    err.print(f"[red]error:[/red] {escape(one_line(message))}", soft_wrap=True)
+    sys.exit(code)
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and a non-zero exit, never a traceback."""
     try:
-        app()
+        code = app(standalone_mode=False)
     except XQInferError as exc:
-        err.print(f"[red]error:[/red] {exc}", soft_wrap=True)
-        sys.exit(1)
+        fail(exc)
+    except NoArgsIsHelpError as exc:
+        # `xqinfer` alone: typer has printed the help (rich) or returns it as the message (plain click).
+        if exc.format_message().strip():
+            print(exc.format_message())
+        sys.exit(exc.exit_code)
+    except click_exceptions.UsageError as exc:
+        # typer would draw a multi-line box; one line, with where to look, is the rule here.
+        where = f" (see {exc.ctx.command_path} --help)" if exc.ctx is not None else ""
+        fail(f"{exc.format_message()}{where}", exc.exit_code)
+    except click_exceptions.ClickException as exc:
+        fail(exc.format_message(), exc.exit_code)
+    except typer.Abort:
+        fail("aborted")
     except (torch.OutOfMemoryError, MemoryError):
-        err.print(
-            "[red]error:[/red] out of memory: try a shorter context, a compressed --cache, a smaller --dtype, "
-            "or another device",
-            soft_wrap=True,
-        )
-        sys.exit(1)
+        fail("out of memory: try a shorter context, a compressed --cache, a smaller --dtype, or another device")
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(130)
+    except Exception as exc:  # a bug, not the user's fault: still one line, with the way to the traceback
+        if os.environ.get("XQINFER_DEBUG"):
+            raise
+        fail(f"internal error: {type(exc).__name__}: {exc} (XQINFER_DEBUG=1 shows the traceback; please report it)")
+    # standalone_mode=False returns the exit code of an Exit (--help, Ctrl-C inside typer) or the command's None.
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

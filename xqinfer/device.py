@@ -15,11 +15,14 @@ def pick_device(name: str | None = None) -> torch.device:
     """`cuda` when present unless told otherwise; asking for CUDA without one is an error, not a silent fallback."""
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise XQInferError(f"device {name!r} is not supported (accepted: cpu, cuda, cuda:N)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise XQInferError("--device cuda was asked for but no CUDA device is available")
     if device.type not in ("cpu", "cuda"):
-        raise XQInferError(f"device {name!r} is not supported (accepted: cpu, cuda)")
+        raise XQInferError(f"device {name!r} is not supported (accepted: cpu, cuda, cuda:N)")
     return device
 
 

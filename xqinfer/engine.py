@@ -89,17 +89,20 @@ class Engine:
         self.cache.reset()
         self.tokens = []
 
-    def room(self) -> int:
-        """How many more tokens fit: the model's positions, and the cache's capacity unless it is a ring."""
-        limit = self.max_positions if self.cache.is_ring else self.capacity
-        return limit - self.length
+    @property
+    def limit(self) -> int:
+        """Most positions a sequence may reach: the model's, and the cache's capacity unless it is a ring."""
+        return self.max_positions if self.cache.is_ring else self.capacity
 
-    def check_room(self, needed: int) -> None:
-        if needed > self.room():
-            limit = self.max_positions if self.cache.is_ring else self.capacity
+    def room(self) -> int:
+        return self.limit - self.length
+
+    def check_room(self, needed: int, held: int | None = None) -> None:
+        held = self.length if held is None else held
+        if held + needed > self.limit:
             raise ContextError(
-                f"{self.length + needed} tokens do not fit in the context of {limit} "
-                f"({self.length} cached, {needed} more requested)"
+                f"{held + needed} tokens do not fit in the context of {self.limit} "
+                f"({held} cached, {needed} more requested)"
             )
 
     @torch.inference_mode()
@@ -142,11 +145,12 @@ class Engine:
         stats = stats if stats is not None else GenerationStats()
         if not prompt:
             raise ContextError("the prompt is empty: there is nothing to continue")
-        if not self._extends_cache(prompt):
+        reused = self.length if self._extends_cache(prompt) else 0
+        # Checked before anything is dropped, so a request that does not fit leaves the cache as it was.
+        self.check_room(len(prompt) - reused + max(max_new_tokens - 1, 0), held=reused)
+        if reused < self.length:
             self.reset()
-        reused = self.length
         new_ids = list(prompt[reused:])
-        self.check_room(len(new_ids) + max(max_new_tokens - 1, 0))
         sampler = Sampler(params, self.device)
         # The seen-token context only matters to the repetition penalty; without one it is not kept.
         penalized = params.repetition_penalty != 1.0

@@ -85,12 +85,14 @@ def parse_spec(text: str) -> CacheSpec:
     from . import METHODS  # noqa: F401  (importing the package registers every method)
 
     name, _, rest = text.strip().partition(":")
+    name = name.strip()
     if name not in REGISTRY:
         raise CacheSpecError(f"unknown cache method {name!r} (accepted: {', '.join(sorted(REGISTRY))})")
     cls = REGISTRY[name]
     options = {key: option.default for key, option in cls.OPTIONS.items()}
     for item in filter(None, (part.strip() for part in rest.split(","))):
         key, sep, value = item.partition("=")
+        key = key.strip()
         if not sep:
             raise CacheSpecError(f"{name}: expected key=value, got {item!r}")
         if key not in cls.OPTIONS:
@@ -198,7 +200,11 @@ class Cache:
         self.step: Step | None = None
         # The papers' `sim` protocol: the new tokens, too, are attended through their quantized form.
         self.simulate = False
-        self.layers = [self.make_layer(i, model) for i in range(config.num_layers)]
+        try:
+            self.layers = [self.make_layer(i, model) for i in range(config.num_layers)]
+        except CacheSpecError as exc:
+            message = str(exc)
+            raise CacheSpecError(message if message.startswith(str(spec)) else f"{spec}: {message}") from None
 
     @property
     def max_chunk(self) -> int:

@@ -88,7 +88,8 @@ class QuantStream:
         `length` is the number of tokens written so far; empty slots hold garbage that the attention mask hides.
         """
         if self.passthrough:
-            return self.values
+            # A copy, like the dequantized tensor of the real path: a ring prefill writes before it attends.
+            return self.values.clone()
         codes = quant.unpack(self.codes, self.bits, self.channels)
         dim = quant.group_dim(self.axis)
         grouped = quant.to_groups(codes, self.group, self.axis)

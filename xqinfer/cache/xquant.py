@@ -38,7 +38,8 @@ class XQuantCache(Cache):
     def make_layer(self, index: int, model) -> LayerCache:
         if not self.config.is_gqa:
             if self.spec.options["outlier"]:
-                refuse(self.spec, "outlier=1 keeps channel 0 of the GQA latents X·Uk; this model is MHA")
+                refuse(self.spec, "outlier=1 keeps channel 0 of the GQA latents X·Uk and this model is MHA "
+                                  "(accepted here: outlier=0)")
             return XQuantMHALayer(self, index, model.layers[index].self_attn)
         return XQuantGQALayer(self, index, model.layers[index].self_attn)
 
@@ -46,17 +47,18 @@ class XQuantCache(Cache):
     def layer_bits_per_element(cls, spec: CacheSpec, config, index: int, dtype: torch.dtype = torch.float16) -> float:
         o = spec.options
         if o["bits"] == FULL_PRECISION:
-            cached = config.hidden_size if not config.is_gqa else 2 * config.kv_dim
+            cached = config.hidden_size if not config.is_gqa else 2 * latent_width(config)
             return cached * torch.finfo(dtype).bits / (2 * config.kv_dim)
         if not config.is_gqa:
             per_token = config.hidden_size * stored_bits(o["bits"], min(o["group"], config.hidden_size))
             return per_token / (2 * config.kv_dim)
+        width = latent_width(config)
         keys = stored_bits(o["bits"], o["group"])
-        values = stored_bits(o["bits"], min(o["group"], config.kv_dim))
+        values = stored_bits(o["bits"], min(o["group"], width))
         if o["outlier"]:
             # Channel 0 of X·Uk stays in 16 bits instead of its share of codes, scales and zeros.
-            keys = ((config.kv_dim - 1) * keys + 16) / config.kv_dim
-        return (keys + values) / 2
+            keys = ((width - 1) * keys + 16) / width
+        return width * (keys + values) / (2 * config.kv_dim)
 
 
 class XQuantMHALayer(LayerCache):
@@ -94,10 +96,10 @@ class XQuantGQALayer(LayerCache):
         self.uv, self.mv = latent_factors(attention.v_proj.weight)
         self.outlier = bool(o["outlier"])
         lead, dtype = (parent.batch_size,), parent.dtype
-        key_channels = config.kv_dim - self.outlier
-        self.key_latents = QuantStream(lead, parent.capacity, key_channels, o["bits"], o["group"], "channel",
+        width = latent_width(config)
+        self.key_latents = QuantStream(lead, parent.capacity, width - self.outlier, o["bits"], o["group"], "channel",
                                        o["residual"], dtype, parent.device)
-        self.value_latents = QuantStream(lead, parent.capacity, config.kv_dim, o["bits"], o["group"], "token",
+        self.value_latents = QuantStream(lead, parent.capacity, width, o["bits"], o["group"], "token",
                                          o["residual"], dtype, parent.device)
         self.outlier_channel = (
             QuantStream(lead, parent.capacity, 1, FULL_PRECISION, 1, "token", 0, dtype, parent.device)
@@ -141,8 +143,13 @@ class XQuantGQALayer(LayerCache):
         return [t for s in streams for t in s.tensors()]
 
 
+def latent_width(config) -> int:
+    """Rank of the thin SVD of Wk (d × d_kv): d_kv, or d when the KV width exceeds the hidden size."""
+    return min(config.kv_dim, config.hidden_size)
+
+
 def latent_factors(weight: Tensor) -> tuple[Tensor, Tensor]:
-    """(U, M) with `weightᵀ = U·M`: U [d, d_kv] the left singular vectors, M = Σ·Bᵀ [d_kv, d_kv] (exact, rank d_kv)."""
+    """(U, M) with `weightᵀ = U·M`: U [d, r] the left singular vectors, M = Σ·Bᵀ [r, d_kv], r = min(d, d_kv) (exact)."""
     u, sigma, bt = torch.linalg.svd(weight.T.to(torch.float64), full_matrices=False)
     return u.to(weight.dtype).contiguous(), (sigma[:, None] * bt).to(weight.dtype).contiguous()
 

@@ -52,7 +52,7 @@ class XQuantCLCache(Cache):
     @classmethod
     def layer_bits_per_element(cls, spec: CacheSpec, config, index: int, dtype: torch.dtype = torch.float16) -> float:
         o = spec.options
-        width = 2 * config.kv_dim if config.is_gqa else config.hidden_size
+        width = min(2 * config.kv_dim, config.hidden_size) if config.is_gqa else config.hidden_size
         bits = o["base_bits"] if index < o["base_layers"] else o["bits"]
         per_element = float(torch.finfo(dtype).bits) if bits == FULL_PRECISION else stored_bits(bits, min(o["group"], width))
         return width * per_element / (2 * config.kv_dim)
