@@ -162,6 +162,66 @@ def chat(
     ChatREPL(llm, out, err, cache=cache, ctx=ctx, system=system, sampling=sampling, max_tokens=max_tokens).run()
 
 
+@app.command()
+def ppl(
+    dataset: Path = typer.Argument(..., help="UTF-8 text file to score."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model directory or hub id (default: the embedded preset)."),
+    caches: list[str] = typer.Option([], "--cache", help="Cache method spec (repeatable); fp16 always runs as the baseline."),
+    ctx: int = typer.Option(512, "--ctx", "-c", help="Window length in tokens."),
+    protocol: str = typer.Option("sim", "--protocol", help="sim (the papers': every K/V quantized, one pass per window) or stream (the real cache, in chunks)."),
+    chunk: int = typer.Option(1, "--chunk", help="stream: tokens per forward (1 = token-by-token decode)."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Score at most this many windows."),
+    kld: bool = typer.Option(False, "--kld", help="Also report the KL divergence to fp16 per token."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON to this file."),
+    preset: Optional[str] = PresetOpt,
+    dtype: Optional[str] = DtypeOpt,
+    device: Optional[str] = DeviceOpt,
+) -> None:
+    """Perplexity of each cache method on the same windows, with its size and its distance from fp16."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from .formatting import perplexity_table
+    from .ppl import perplexity, read_text
+
+    read_text(dataset)  # refuse a bad dataset before spending time on the model
+    if json_path is not None and json_path.resolve() == dataset.resolve():
+        raise XQInferError("--json would overwrite the dataset; choose another file")
+    llm = load_llm(model, preset, dtype, device)
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err, transient=True) as bar:
+        task = bar.add_task(f"ppl {protocol}", total=None)
+        report = perplexity(llm, dataset, caches, ctx=ctx, protocol=protocol, chunk=chunk, limit=limit, kld=kld,
+                            progress=lambda done, total: bar.update(task, completed=done, total=total))
+    if report.interrupted:
+        err.print(f"[yellow]interrupted: the table covers the {report.baseline.windows} complete window(s)[/yellow]")
+    print_table(perplexity_table(report))
+    for row in report.rows():
+        out.print(f"[{escape(row['spec'])}] Final estimate: PPL = {row['ppl']:.4f} +/- {row['ppl_stderr']:.5f}",
+                  markup=False)
+    if json_path is not None:
+        write_json(json_path, report.as_dict())
+    if report.interrupted:
+        sys.exit(130)
+
+
+def print_table(table) -> None:
+    # A table is read whole: into a pipe or a file it is never squeezed to the 80 columns rich assumes there.
+    console = out if out.is_terminal else Console(highlight=False, width=240)
+    console.print(table)
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Writes through a temporary file, so a failure never leaves a truncated file where an old one was."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    try:
+        temporary.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        os.replace(temporary, path)
+    except OSError as exc:
+        temporary.unlink(missing_ok=True)
+        raise XQInferError(f"cannot write {path}: {exc.strerror}") from None
+
+
 def one_line(text: object) -> str:
     """A message on one line: the CLI's errors are always a single line on stderr."""
     return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
