@@ -16,6 +16,7 @@ from .model import Transformer
 from .sampling import Sampler, SamplingParams
 
 PREFILL_CHUNK = 1024
+SPAN_MIN = 256
 
 
 @dataclass
@@ -81,6 +82,18 @@ class Engine:
         self._step_tokens = torch.zeros((batch_size, 1), dtype=torch.long, device=self.device)
         self._step_positions = torch.zeros((1,), dtype=torch.long, device=self.device)
 
+    def span_for(self, end: int) -> int:
+        """Cache slots a forward ending at position `end` reads: the length rounded up to a bucket.
+
+        Rebuilding (and attending over) the history then costs what the sequence holds, not the capacity. Buckets
+        grow by doubling from SPAN_MIN, so a captured decode graph per bucket stays few; the cache rounds them
+        to whole quantization groups and caps them at its capacity.
+        """
+        span = SPAN_MIN
+        while span < end:
+            span *= 2
+        return span
+
     @property
     def length(self) -> int:
         return len(self.tokens)
@@ -115,7 +128,8 @@ class Engine:
             chunk = list(ids[start : start + step])
             tokens = torch.tensor([chunk] * self.batch_size, dtype=torch.long, device=self.device)
             positions = torch.arange(self.length, self.length + len(chunk), device=self.device)
-            logits = self.model(tokens, positions, self.cache, last_only=True)[:, -1]
+            span = self.span_for(self.length + len(chunk))
+            logits = self.model(tokens, positions, self.cache, last_only=True, span=span)[:, -1]
             self.tokens.extend(chunk)
         return logits
 
@@ -125,7 +139,8 @@ class Engine:
         self.check_room(1)
         self._step_tokens.copy_(tokens.view(self.batch_size, 1))
         self._step_positions.fill_(self.length)
-        logits = self.model(self._step_tokens, self._step_positions, self.cache)[:, -1]
+        span = self.span_for(self.length + 1)
+        logits = self.model(self._step_tokens, self._step_positions, self.cache, span=span)[:, -1]
         self.tokens.append(int(tokens[0]))
         return logits
 

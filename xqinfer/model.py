@@ -88,15 +88,17 @@ class Transformer(nn.Module):
     def output_weight(self) -> Tensor:
         return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
 
-    def forward(self, tokens: Tensor, positions: Tensor, cache, last_only: bool = False) -> Tensor:
+    def forward(
+        self, tokens: Tensor, positions: Tensor, cache, last_only: bool = False, span: int | None = None
+    ) -> Tensor:
         """tokens [B, T] at absolute `positions` [T] -> logits [B, T, vocab] (or [B, 1, vocab] with last_only).
 
         The cache stores whatever its method stores and returns attention outputs; one call serves prefill
-        chunks and single-token decode steps alike.
+        chunks and single-token decode steps alike. `span` bounds the cache slots read (see `Cache.begin`).
         """
         h = self.model.embed_tokens(tokens)
         cos, sin = self.rotary.cos_sin(positions, h.dtype)
-        cache.begin(positions)
+        cache.begin(positions, span)
         for index, block in enumerate(self.model.layers):
             h = block(h, positions, cos, sin, cache.layer(index))
         cache.end()

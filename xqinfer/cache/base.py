@@ -138,7 +138,8 @@ class Step:
     length: Tensor  # scalar: tokens held before this step (= positions[0], positions being contiguous)
     slots: Tensor  # [min(T, capacity)] buffer slots of the last min(T, capacity) new tokens
     concat: bool
-    stored_positions: Tensor  # [capacity] positions of the slots as the method reads them (EMPTY_SLOT if none)
+    span: int  # the method reads slots [0, span) only
+    stored_positions: Tensor  # [span] positions of those slots as the method reads them (EMPTY_SLOT if none)
     stored_length: Tensor  # scalar: tokens held when the method reads the buffer
     key_positions: Tensor  # positions of the keys attended over
     mask: Tensor  # [T, keys] True where attention is allowed
@@ -151,9 +152,8 @@ class Step:
     def stored_rope(self) -> tuple[Tensor, Tensor]:
         """RoPE tables at the stored slots' positions, for methods that rotate keys after rebuilding them."""
         # Computed over the stored and the new positions together so that dynamic scaling sees the current length.
-        capacity = self.stored_positions.shape[0]
         cos, sin = self.rotary.cos_sin(torch.cat((self.stored_positions.clamp(min=0), self.positions)), self.dtype)
-        return cos[:capacity], sin[:capacity]
+        return cos[: self.span], sin[: self.span]
 
     def read_around_write(self, write: Callable[[], None], read: Callable[[], Any]) -> Any:
         """Runs a layer's write and read in the order this step attends in: read first when concatenating."""
@@ -230,13 +230,19 @@ class Cache:
     def layer(self, index: int) -> "LayerCache":
         return self.layers[index]
 
-    def begin(self, positions: Tensor) -> None:
+    def begin(self, positions: Tensor, span: int | None = None) -> None:
+        """Prepares one forward over `positions`, reading only the first `span` slots (all by default).
+
+        A span is how rebuild cost follows the real length rather than the capacity: the caller guarantees that
+        every filled slot and every slot written lies below it (true of a non-ring buffer filled from slot 0).
+        """
         if self.slack and positions.shape[0] > self.max_chunk:
             raise ValueError(f"a forward may write at most {self.max_chunk} tokens to this cache")
+        span = self.capacity if span is None or self.is_ring else self.fit_span(span)
         # Of a chunk longer than a ring, only the tail is kept (its head is attended to within the chunk).
         written = positions[-self.capacity :]
         slots = written % self.capacity
-        history = self.slot_positions
+        history = self.slot_positions[:span]
         updated = history.index_copy(0, slots, written)
         length = positions.shape[0]
         concat = length > 1 and (self.always_concat or self.is_ring)
@@ -244,12 +250,17 @@ class Cache:
         stored_positions, stored_length = (history, positions[0]) if concat else (updated, positions[-1] + 1)
         cos, sin = self.rotary.cos_sin(positions, self.dtype)
         mask = attention_mask(positions, key_positions, self.window)
-        self.step = Step(positions, positions[0], slots, concat, stored_positions, stored_length, key_positions,
-                         mask, cos, sin, self.rotary, self.dtype)
+        self.step = Step(positions, positions[0], slots, concat, span, stored_positions, stored_length,
+                         key_positions, mask, cos, sin, self.rotary, self.dtype)
         self._updated_slots = updated
 
+    def fit_span(self, span: int) -> int:
+        """`span` rounded up to whole quantization groups, at most the capacity."""
+        multiple = self.capacity_multiple()
+        return min(-(-span // multiple) * multiple, self.capacity)
+
     def end(self) -> None:
-        self.slot_positions.copy_(self._updated_slots)
+        self.slot_positions[: self.step.span].copy_(self._updated_slots)
         self.step = None
         self._updated_slots = None
 

@@ -30,13 +30,14 @@ class FP16LayerCache(LayerCache):
     def attend(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
         step = self.parent.step
         k = apply_rotary(k, step.cos, step.sin)
+        keys, values = self.keys[:, :, : step.span], self.values[:, :, : step.span]
         if step.concat:
-            out = attend(q, torch.cat((self.keys, k), dim=2), torch.cat((self.values, v), dim=2), step.mask)
+            out = attend(q, torch.cat((keys, k), dim=2), torch.cat((values, v), dim=2), step.mask)
         tail = step.slots.shape[0]
         self.keys.index_copy_(2, step.slots, k[:, :, -tail:])
         self.values.index_copy_(2, step.slots, v[:, :, -tail:])
         if not step.concat:
-            out = attend(q, self.keys, self.values, step.mask)
+            out = attend(q, keys, values, step.mask)
         return out
 
     def tensors(self) -> list[Tensor]:

@@ -83,17 +83,20 @@ class QuantStream:
     # ------------------------------------------------------------------------------------------------ read
 
     def read(self, length: Tensor, slot_positions: Tensor) -> Tensor:
-        """The whole buffer reconstructed [..., capacity, C], in the slot order of `slot_positions`.
+        """Slots [0, span) reconstructed [..., span, C], span = len(slot_positions) (their positions).
 
         `length` is the number of tokens written so far; empty slots hold garbage that the attention mask hides.
         """
+        span = slot_positions.shape[0]
         if self.passthrough:
             # A copy, like the dequantized tensor of the real path: a ring prefill writes before it attends.
-            return self.values.clone()
-        codes = quant.unpack(self.codes, self.bits, self.channels)
+            return self.values[..., :span, :].clone()
+        codes = quant.unpack(self.codes[..., :span, :], self.bits, self.channels)
+        params = span if self.axis == "token" else span // self.group
+        scale, zero = self.scale[..., :params, :], self.zero[..., :params, :]
         dim = quant.group_dim(self.axis)
         grouped = quant.to_groups(codes, self.group, self.axis)
-        values = quant.dequantize_codes(grouped, self.scale.unsqueeze(dim), self.zero.unsqueeze(dim), self.bits, self.dtype)
+        values = quant.dequantize_codes(grouped, scale.unsqueeze(dim), zero.unsqueeze(dim), self.bits, self.dtype)
         values = quant.from_groups(values, self.axis)
         if self.ring_size == 0:
             return values
