@@ -21,6 +21,7 @@ except ImportError:  # pragma: no cover
 NoArgsIsHelpError = getattr(click_exceptions, "NoArgsIsHelpError", ())
 
 from . import api
+from .device import pick_device
 from .errors import XQInferError
 from .formatting import stats_line
 from .sampling import SamplingParams
@@ -203,6 +204,85 @@ def ppl(
         write_json(json_path, report.as_dict())
     if report.interrupted:
         sys.exit(130)
+
+
+@app.command()
+def bench(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model directory or hub id (default: a preset that fits this machine)."),
+    contexts: list[str] = typer.Option([], "--context", "-c", help="Prompt length: 4096, 4k, 32K (repeatable)."),
+    caches: list[str] = typer.Option([], "--cache", help="Cache method spec (repeatable; default: every method at a typical setting)."),
+    gen: int = typer.Option(128, "--gen", "-g", help="Tokens to decode after the prompt."),
+    batch: int = typer.Option(1, "--batch", "-b", help="Sequences decoded together."),
+    reps: int = typer.Option(3, "--reps", "-r", help="Repetitions after the warm-up."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON to this file."),
+    no_cuda_graph: bool = typer.Option(False, "--no-cuda-graph", help="Run the decode step eagerly on CUDA too."),
+    allow_extrapolation: bool = typer.Option(False, "--allow-extrapolation", help="Allow contexts beyond the model's positions."),
+    preset: Optional[str] = PresetOpt,
+    dtype: Optional[str] = DtypeOpt,
+    device: Optional[str] = DeviceOpt,
+) -> None:
+    """Prefill and decode speed, time to first token and memory of each cache method at long contexts."""
+    from .bench import DEFAULT_METHODS, bench as run_bench, environment, parse_context
+    from .formatting import bench_table
+
+    target = pick_device(device)
+    context_values = [parse_context(c) for c in contexts] or [DEFAULT_CONTEXT[target.type]]
+    if model is None and preset is None:
+        preset = default_bench_preset(target)
+        err.print(f"[dim]no --model or --preset: benchmarking the {preset} preset (random weights) on {target}[/dim]")
+    llm = api.load(model, preset=preset, dtype=dtype, device=str(target))
+    env = environment(llm)
+    err.print(f"[dim]{env['model']} | {env['device']} | {env['dtype']} | {env['threads']} threads | "
+              f"torch {env['torch']}[/dim]")
+    results = run_bench(llm, context_values, caches or DEFAULT_METHODS, gen=gen, batch=batch, reps=reps,
+                        cuda_graph=not no_cuda_graph, allow_extrapolation=allow_extrapolation,
+                        report=lambda r: err.print(f"[dim]  done: {r.method} at {r.context} tokens[/dim]"))
+    print_table(bench_table(results, env))
+    if json_path is not None:
+        write_json(json_path, {**env, "results": [r.as_dict() for r in results]})
+
+
+DEFAULT_CONTEXT = {"cuda": 4096, "cpu": 1024}
+LARGE_GPU_BYTES = 40 * 2**30
+
+
+def default_bench_preset(device: torch.device) -> str:
+    """llama-3.1-8b where its weights and a long context fit, a CPU-sized shape elsewhere."""
+    if device.type == "cuda" and torch.cuda.get_device_properties(device).total_memory >= LARGE_GPU_BYTES:
+        return "llama-3.1-8b"
+    return api.DEFAULT_PRESET
+
+
+@app.command()
+def plan(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model directory or hub id (only config.json is read)."),
+    memory: str = typer.Option(..., "--memory", help="Memory budget: 80GB, 24GiB, ..."),
+    context: str = typer.Option("32k", "--context", "-c", help="Context per sequence: 4096, 32k, ..."),
+    caches: list[str] = typer.Option([], "--cache", help="Cache method spec (repeatable; default: every method)."),
+    batch: int = typer.Option(1, "--batch", "-b", min=1, help="Sequences held together."),
+    dtype: str = typer.Option("bf16", "--dtype", help="Dtype of weights and residual windows."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the plan as JSON to this file."),
+    preset: Optional[str] = PresetOpt,
+) -> None:
+    """How much each cache method stores per token, and the largest context and batch that fit in memory."""
+    from .bench import DEFAULT_METHODS, parse_context
+    from .config import ModelConfig, torch_dtype
+    from .formatting import plan_table
+    from .loader import resolve
+    from .plan import parse_memory, plan as make_plan
+    from .presets import preset_config
+
+    if model is not None and preset is not None:
+        raise XQInferError("give --model or --preset, not both")
+    config = ModelConfig.from_file(resolve(model) / "config.json") if model else preset_config(preset or "llama-3.1-8b")
+    name = model or preset or "llama-3.1-8b"
+    budget, tokens = parse_memory(memory), parse_context(context)
+    rows = make_plan(config, caches or DEFAULT_METHODS, memory=budget, context=tokens, batch=batch,
+                     dtype=torch_dtype(dtype))
+    print_table(plan_table(rows, name, budget, tokens, batch))
+    if json_path is not None:
+        write_json(json_path, {"model": name, "memory_bytes": budget, "context": tokens, "batch": batch,
+                               "dtype": dtype, "methods": [r.as_dict() for r in rows]})
 
 
 def print_table(table) -> None:

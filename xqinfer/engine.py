@@ -17,6 +17,7 @@ from .sampling import Sampler, SamplingParams
 
 PREFILL_CHUNK = 1024
 SPAN_MIN = 256
+UNKNOWN_TOKEN = -1
 
 
 @dataclass
@@ -66,6 +67,7 @@ class Engine:
         batch_size: int = 1,
         prefill_chunk: int = PREFILL_CHUNK,
         allow_extrapolation: bool = False,
+        cuda_graph: bool = True,
     ) -> None:
         config = model.config
         self.model = model
@@ -81,6 +83,8 @@ class Engine:
         # Static inputs of the decode step: overwritten in place each step so the step's tensors never move.
         self._step_tokens = torch.zeros((batch_size, 1), dtype=torch.long, device=self.device)
         self._step_positions = torch.zeros((1,), dtype=torch.long, device=self.device)
+        # On CUDA the step is captured once per span bucket and replayed; elsewhere it runs eagerly, unchanged.
+        self.graphs = DecodeGraphs(self) if cuda_graph and self.device.type == "cuda" else None
 
     def span_for(self, end: int) -> int:
         """Cache slots a forward ending at position `end` reads: the length rounded up to a bucket.
@@ -134,15 +138,23 @@ class Engine:
         return logits
 
     @torch.inference_mode()
-    def decode(self, tokens: Tensor) -> Tensor:
-        """One static-shape step: tokens [B] at the next position -> logits [B, V]."""
+    def decode(self, tokens: Tensor, token_id: int | None = None) -> Tensor:
+        """One static-shape step: tokens [B] at the next position -> logits [B, V].
+
+        `token_id` is tokens[0] as a Python int when the caller already has it; without it the history records
+        an unknown id (no host synchronization), which only means a later prompt cannot reuse the cache.
+        """
         self.check_room(1)
         self._step_tokens.copy_(tokens.view(self.batch_size, 1))
         self._step_positions.fill_(self.length)
         span = self.span_for(self.length + 1)
-        logits = self.model(self._step_tokens, self._step_positions, self.cache, span=span)[:, -1]
-        self.tokens.append(int(tokens[0]))
+        logits = self.graphs.run(span) if self.graphs is not None else self.static_step(span)
+        self.tokens.append(UNKNOWN_TOKEN if token_id is None else token_id)
         return logits
+
+    def static_step(self, span: int) -> Tensor:
+        """The decode step as a graph captures it: fixed input buffers in, logits out, nothing read on the host."""
+        return self.model(self._step_tokens, self._step_positions, self.cache, span=span)[:, -1]
 
     def generate(
         self,
@@ -187,7 +199,7 @@ class Engine:
                 start = time.perf_counter()
                 if penalized:
                     context = torch.cat((context, token.view(-1, 1)), dim=1)
-                token = sampler(self.decode(token), context)
+                token = sampler(self.decode(token, value), context)
                 value = int(token[0])
                 stats.decode_seconds += time.perf_counter() - start
                 stats.decode_steps += 1
@@ -204,3 +216,40 @@ class Engine:
         stats.cache_normalized_size = self.cache.normalized_size()
         stats.cache_layer_bytes = self.cache.layer_nbytes()
         stats.cache_layer_normalized_sizes = self.cache.layer_normalized_sizes()
+
+
+class DecodeGraphs:
+    """CUDA graphs of `Engine.static_step`, one per span bucket, captured on first use.
+
+    Capture needs the step to be replayable: it reads only the engine's fixed input buffers and the cache's
+    preallocated tensors, never the host. Running it more than once for the same token is harmless (every write is
+    idempotent), which the warm-up before capture relies on.
+    """
+
+    WARMUP_RUNS = 2
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
+        self.pool = None
+
+    def run(self, span: int) -> Tensor:
+        if span not in self.graphs:
+            self.graphs[span] = self._capture(span)
+        graph, logits = self.graphs[span]
+        graph.replay()
+        return logits
+
+    def _capture(self, span: int) -> tuple[torch.cuda.CUDAGraph, Tensor]:
+        stream = torch.cuda.Stream(device=self.engine.device)
+        stream.wait_stream(torch.cuda.current_stream(self.engine.device))
+        with torch.cuda.stream(stream):
+            for _ in range(self.WARMUP_RUNS):
+                self.engine.static_step(span)
+        torch.cuda.current_stream(self.engine.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        # One memory pool for every bucket: they never run at the same time.
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = self.engine.static_step(span)
+        self.pool = graph.pool()
+        return graph, logits

@@ -42,3 +42,33 @@ def perplexity_table(report) -> Table:
         cells += [str(row["tokens"]), f"{row['seconds']:.1f}"]
         table.add_row(*cells)
     return table
+
+
+def bench_table(results, env: dict) -> Table:
+    """llama-bench's layout: one row per (method, context), speeds as mean ± std."""
+    table = Table(title=f"{env['model']} | {env['device']} | {env['dtype']}", title_justify="left")
+    for header in ("method", "ctx", "batch", "prefill t/s", "decode t/s", "TTFT s", "peak", "weights", "cache",
+                   "workspace", "B/token", "normalized", "graph"):
+        table.add_column(header, justify="left" if header == "method" else "right", no_wrap=True)
+    for r in results:
+        table.add_row(r.method, str(r.context), str(r.batch), f"{r.prefill_tokens_per_s:.1f}",
+                      f"{r.decode_tokens_per_s:.2f} ± {r.decode_tokens_per_s_std:.2f}", f"{r.time_to_first_token_s:.3f}",
+                      human_bytes(r.peak_memory_bytes), human_bytes(r.weights_bytes), human_bytes(r.cache_bytes),
+                      human_bytes(r.workspace_bytes), f"{r.cache_bytes_per_token:.0f}", f"{r.normalized_size:.4f}",
+                      "yes" if r.cuda_graph else "no")
+    return table
+
+
+def plan_table(rows, model: str, memory: int, context: int, batch: int) -> Table:
+    table = Table(title=f"{model} | budget {human_bytes(memory)} | context {context} | batch {batch}",
+                  title_justify="left")
+    for header in ("method", "normalized", "equiv. bits", "B/token", f"cache @ {context}", "weights", "workspace",
+                   "fits", "max context (b=1)", f"max batch @ {context}"):
+        table.add_column(header, justify="left" if header == "method" else "right", no_wrap=True)
+    for r in rows:
+        bits = "-" if r.equivalent_bits is None else f"{r.equivalent_bits:g}"
+        table.add_row(r.method, f"{r.normalized_size:.4f}", bits, f"{r.bytes_per_token:.0f}",
+                      human_bytes(r.cache_bytes_at_context), human_bytes(r.weights_bytes),
+                      human_bytes(r.workspace_bytes), "yes" if r.fits_at_context else "no",
+                      str(r.max_context_batch_1), str(r.max_batch_at_context))
+    return table

@@ -1,0 +1,187 @@
+"""Long-context speed and memory of cache methods, side by side in one process on the same weights.
+
+For each (method, context): a prompt of exactly `context` random tokens is prefilled (in chunks, never an
+[N, N] mask), then `gen` tokens are decoded greedily without any host synchronization inside the loop. Each
+measurement repeats `reps` times after a warm-up; decode is reported as mean ± std of tok/s.
+"""
+
+from __future__ import annotations
+
+import platform
+import re
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from .api import LLM
+from .cache import CacheSpec, parse_spec
+from .cache.base import normalized_size
+from .device import peak_memory, reset_peak_memory, synchronize
+from .engine import Engine
+from .errors import XQInferError
+from .plan import bytes_per_token
+
+DEFAULT_METHODS = ("fp16", "kivi:bits=2", "kivi:bits=2,group=128,prerope=1", "xquant:bits=4", "xquant-cl:bits=2")
+WARMUP_TOKENS = 8
+
+
+def parse_context(text: str) -> int:
+    """`32k`, `32K` and `32768` are the same context; k means 1024 tokens."""
+    match = re.fullmatch(r"\s*(\d+)\s*([kK]?)\s*", text)
+    if not match:
+        raise XQInferError(f"--context {text!r} is not a token count (examples: 4096, 4k, 32K)")
+    value = int(match.group(1)) * (1024 if match.group(2) else 1)
+    if value < 1:
+        raise XQInferError(f"--context {text!r} must be at least 1 token")
+    return value
+
+
+@dataclass
+class BenchResult:
+    method: str
+    context: int
+    batch: int
+    gen: int
+    reps: int
+    cuda_graph: bool
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float
+    decode_tokens_per_s_std: float
+    time_to_first_token_s: float
+    peak_memory_bytes: int
+    weights_bytes: int
+    cache_bytes: int
+    workspace_bytes: int
+    cache_bytes_per_token: float
+    normalized_size: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def weights_bytes(llm: LLM) -> int:
+    return sum(p.nbytes for p in llm.model.parameters())
+
+
+def bench(
+    llm: LLM,
+    contexts: Sequence[int],
+    methods: Sequence[str | CacheSpec],
+    *,
+    gen: int = 128,
+    batch: int = 1,
+    reps: int = 3,
+    cuda_graph: bool = True,
+    allow_extrapolation: bool = False,
+    seed: int = 0,
+    report: Callable[[BenchResult], None] | None = None,
+) -> list[BenchResult]:
+    """Measures every (method, context) pair; `report` sees each result as soon as it is ready."""
+    if gen < 1 or batch < 1 or reps < 1:
+        raise XQInferError("--gen, --batch and --reps must be at least 1")
+    specs = [parse_spec(m) if isinstance(m, str) else m for m in methods]
+    limit = llm.config.max_position_embeddings
+    for context in contexts:
+        if context + gen > limit and not allow_extrapolation:
+            raise XQInferError(f"--context {context} plus --gen {gen} exceeds the model's {limit} positions "
+                               "(--allow-extrapolation runs it anyway)")
+    generator = torch.Generator().manual_seed(seed)
+    results = []
+    for context in contexts:
+        prompt = torch.randint(0, llm.config.vocab_size, (context,), generator=generator).tolist()
+        for spec in specs:
+            result = _bench_one(llm, spec, prompt, gen, batch, reps, cuda_graph, allow_extrapolation)
+            results.append(result)
+            if report:
+                report(result)
+    return results
+
+
+def _bench_one(
+    llm: LLM, spec: CacheSpec, prompt: list[int], gen: int, batch: int, reps: int, cuda_graph: bool, extrapolate: bool
+) -> BenchResult:
+    device = llm.device
+    engine = Engine(llm.model, spec, capacity=len(prompt) + gen, batch_size=batch, cuda_graph=cuda_graph,
+                    allow_extrapolation=extrapolate)
+    # Warm-up: kernels, allocator and (on CUDA) the graph of the first decode bucket.
+    _run(engine, prompt[: min(len(prompt), 256)], WARMUP_TOKENS)
+    prefill, decode, first_token, peaks = [], [], [], []
+    for _ in range(reps):
+        reset_peak_memory(device)
+        prefill_s, decode_s = _run(engine, prompt, gen)
+        peaks.append(peak_memory(device))
+        prefill.append(len(prompt) * batch / prefill_s)
+        first_token.append(prefill_s)
+        if gen > 1:
+            decode.append((gen - 1) * batch / decode_s)
+    weights, cache_bytes = weights_bytes(llm), engine.cache.nbytes()
+    peak = max(peaks)
+    return BenchResult(
+        method=str(spec),
+        context=len(prompt),
+        batch=batch,
+        gen=gen,
+        reps=reps,
+        cuda_graph=engine.graphs is not None,
+        prefill_tokens_per_s=statistics.mean(prefill),
+        decode_tokens_per_s=statistics.mean(decode) if decode else float("nan"),
+        decode_tokens_per_s_std=statistics.stdev(decode) if len(decode) > 1 else 0.0,
+        time_to_first_token_s=statistics.mean(first_token),
+        peak_memory_bytes=peak,
+        weights_bytes=weights,
+        cache_bytes=cache_bytes,
+        workspace_bytes=max(peak - weights - cache_bytes, 0),
+        cache_bytes_per_token=bytes_per_token(spec, llm.config, llm.dtype),
+        normalized_size=normalized_size(spec, llm.config, llm.dtype),
+    )
+
+
+@torch.inference_mode()
+def _run(engine: Engine, prompt: list[int], gen: int) -> tuple[float, float]:
+    """(seconds to the first token, seconds for the remaining gen - 1 tokens), greedy, batch-wide."""
+    engine.reset()
+    synchronize(engine.device)
+    start = time.perf_counter()
+    token = engine.prefill(prompt).argmax(dim=-1)
+    synchronize(engine.device)
+    prefill_s = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(gen - 1):
+        token = engine.decode(token).argmax(dim=-1)
+    synchronize(engine.device)
+    return prefill_s, time.perf_counter() - start
+
+
+def environment(llm: LLM) -> dict:
+    """What a result depends on besides the workload: device, dtype, versions, command."""
+    device = llm.device
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    return {
+        "model": llm.name,
+        "random_weights": llm.random_weights,
+        "device": f"{device.type}: {name}",
+        "dtype": str(llm.dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "xqinfer": _version(),
+        "command": " ".join(["xqinfer", *sys.argv[1:]]),
+    }
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("xqinfer")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def format_context(tokens: int) -> str:
+    return f"{tokens // 1024}k" if tokens % 1024 == 0 else str(tokens)
+

@@ -1,0 +1,129 @@
+"""Memory planning from the accounting alone: no weights are loaded, only the config and the cache specs."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import torch
+
+from .cache import CacheSpec, parse_spec
+from .cache.base import layer_bits, normalized_size
+from .config import ModelConfig
+from .errors import XQInferError
+
+UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+         "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_memory(text: str) -> int:
+    """`80GB`, `80G`, `141GiB`, `512MB` -> bytes (GB = 10^9, GiB = 2^30)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?[iI]?[bB]?)\s*", text)
+    if not match:
+        raise XQInferError(f"--memory {text!r} is not a size (examples: 80GB, 24GiB, 512MB)")
+    unit = match.group(2).lower()
+    unit = unit if unit.endswith("b") or not unit else unit + "b"
+    if unit not in UNITS:
+        raise XQInferError(f"--memory {text!r}: unknown unit (accepted: B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)")
+    value = float(match.group(1)) * UNITS[unit]
+    if value <= 0:
+        raise XQInferError("--memory must be positive")
+    return int(value)
+
+
+@dataclass
+class PlanRow:
+    method: str
+    normalized_size: float
+    bytes_per_token: float
+    equivalent_bits: float | None
+    cache_bytes_at_context: int
+    weights_bytes: int
+    workspace_bytes: int
+    fits_at_context: bool
+    max_context_batch_1: int
+    max_batch_at_context: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def bytes_per_token(spec: CacheSpec, config: ModelConfig, dtype: torch.dtype) -> float:
+    """Bytes stored per token of one sequence, all layers: codes, scales and zeros (the residual window aside)."""
+    return sum(bits * 2 * config.kv_dim for bits in layer_bits(spec, config, dtype)) / 8
+
+
+def residual_bytes(spec: CacheSpec, config: ModelConfig, dtype: torch.dtype) -> int:
+    """Full-precision residual tokens a sequence holds on top of its codes (bounded, whatever the length)."""
+    residual = spec.options.get("residual", 0)
+    width = config.hidden_size if spec.method == "xquant" and not config.is_gqa else 2 * config.kv_dim
+    return residual * width * config.num_layers * torch.finfo(dtype).bits // 8
+
+
+def equivalent_bits(spec: CacheSpec) -> float | None:
+    """[Y]'s convention for KV methods: code bits per K/V element, scales and zeros not counted."""
+    if spec.method == "fp16":
+        return 16.0
+    if spec.method == "kivi":
+        return float(spec.options["bits"])
+    return None
+
+
+def workspace_bytes(config: ModelConfig, context: int, batch: int, dtype: torch.dtype) -> int:
+    """Transient memory of one decode step at `context`: one layer's rebuilt K/V (or X) plus the logits.
+
+    An estimate: layers run one after another, so only one layer's rebuilt history is alive at a time.
+    """
+    width = max(config.hidden_size, 2 * config.kv_dim)
+    element = torch.finfo(dtype).bits // 8
+    return batch * (context * width * 2 + config.vocab_size * 2) * element
+
+
+def plan(
+    config: ModelConfig,
+    methods: Sequence[str | CacheSpec],
+    *,
+    memory: int,
+    context: int,
+    batch: int = 1,
+    dtype: torch.dtype = torch.bfloat16,
+) -> list[PlanRow]:
+    """For each method: its size, whether `batch` sequences of `context` fit in `memory`, and the largest that do."""
+    weights = config.num_parameters * torch.finfo(dtype).bits // 8
+    rows = []
+    for method in methods:
+        spec = parse_spec(method) if isinstance(method, str) else method
+        per_token = bytes_per_token(spec, config, dtype)
+        fixed = residual_bytes(spec, config, dtype)
+        free = memory - weights
+        per_sequence = context * per_token + fixed
+        workspace = workspace_bytes(config, context, batch, dtype)
+        max_context = _largest(lambda n: n * per_token + fixed + workspace_bytes(config, n, 1, dtype) <= free,
+                               config.max_position_embeddings)
+        max_batch = _largest(lambda b: b * per_sequence + workspace_bytes(config, context, b, dtype) <= free, 1 << 20)
+        rows.append(PlanRow(
+            method=str(spec),
+            normalized_size=normalized_size(spec, config, dtype),
+            bytes_per_token=per_token,
+            equivalent_bits=equivalent_bits(spec),
+            cache_bytes_at_context=int(batch * per_sequence),
+            weights_bytes=weights,
+            workspace_bytes=workspace,
+            fits_at_context=weights + batch * per_sequence + workspace <= memory,
+            max_context_batch_1=max_context,
+            max_batch_at_context=max_batch,
+        ))
+    return rows
+
+
+def _largest(fits, upper: int) -> int:
+    """The largest n in [0, upper] with fits(n), for a monotone predicate (binary search)."""
+    low, high = 0, upper
+    while low < high:
+        middle = (low + high + 1) // 2
+        if fits(middle):
+            low = middle
+        else:
+            high = middle - 1
+    return low
