@@ -1,9 +1,9 @@
 """Cache methods, one file each, behind the interface in `base`."""
 
-from . import fp16, kivi, xquant, xquant_cl
+from . import asymkv, fp16, kivi, xquant, xquant_cl, xquant_kv
 from .base import REGISTRY, Cache, CacheSpec, LayerCache, parse_spec
 
-METHODS = (fp16, kivi, xquant, xquant_cl)
+METHODS = (fp16, kivi, asymkv, xquant, xquant_cl, xquant_kv)
 
 
 def make_cache(spec: str | CacheSpec, model, capacity: int, batch_size: int = 1) -> Cache:

@@ -29,14 +29,16 @@ class Option:
 
     default: Any
     choices: tuple[Any, ...] | None = None
-    minimum: int | None = None
-    maximum: int | None = None
+    minimum: float | None = None
+    maximum: float | None = None
+    kind: type | None = None  # the value's type, when the default (None: "the model decides") does not say it
 
     def parse(self, method: str, key: str, text: str) -> Any:
+        kind = self.kind or type(self.default)
         try:
-            value = type(self.default)(text)
+            value = kind(text)
         except ValueError:
-            raise CacheSpecError(f"{method}: {key}={text!r} is not a valid {type(self.default).__name__}; {self.describe()}") from None
+            raise CacheSpecError(f"{method}: {key}={text!r} is not a valid {kind.__name__}; {self.describe()}") from None
         if self.choices is not None and value not in self.choices:
             raise CacheSpecError(f"{method}: {key}={text} is not accepted; {self.describe()}")
         if self.minimum is not None and value < self.minimum:
@@ -55,6 +57,8 @@ class Option:
         return f"default {self.default}"
 
 
+
+
 @dataclass(frozen=True)
 class CacheSpec:
     """A parsed `NAME[:key=value,...]`, with every option of the method filled in."""
@@ -65,7 +69,8 @@ class CacheSpec:
     def __str__(self) -> str:
         if not self.options:
             return self.method
-        return self.method + ":" + ",".join(f"{k}={v}" for k, v in self.options.items())
+        shown = (f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.options.items() if v is not None)
+        return self.method + ":" + ",".join(shown)
 
 
 REGISTRY: dict[str, type["Cache"]] = {}
@@ -114,6 +119,7 @@ def layer_bits(spec: CacheSpec, config: ModelConfig, dtype: torch.dtype = torch.
     Computed from the spec and the config alone, so memory can be planned without loading weights.
     """
     method = REGISTRY[spec.method]
+    spec = method.resolve(spec, config)
     return [method.layer_bits_per_element(spec, config, i, dtype) for i in range(config.num_layers)]
 
 
@@ -181,6 +187,7 @@ class Cache:
         device: torch.device | str | None = None,
     ) -> None:
         config: ModelConfig = model.config
+        spec = type(self).resolve(spec, config)
         self.spec = spec
         self.config = config
         self.batch_size = batch_size
@@ -200,8 +207,11 @@ class Cache:
         self.step: Step | None = None
         # The papers' `sim` protocol: the new tokens, too, are attended through their quantized form.
         self.simulate = False
+        # Built in order, so a layer may refer to the one before it (XQuant-KV's shared codes).
+        self.layers: list[LayerCache] = []
         try:
-            self.layers = [self.make_layer(i, model) for i in range(config.num_layers)]
+            for index in range(config.num_layers):
+                self.layers.append(self.make_layer(index, model))
         except CacheSpecError as exc:
             message = str(exc)
             raise CacheSpecError(message if message.startswith(str(spec)) else f"{spec}: {message}") from None
@@ -223,6 +233,11 @@ class Cache:
     @classmethod
     def validate(cls, spec: CacheSpec) -> None:
         """Checks option combinations that single options cannot; raises CacheSpecError."""
+
+    @classmethod
+    def resolve(cls, spec: CacheSpec, config: ModelConfig) -> CacheSpec:
+        """The spec with the options that depend on the model (left as None when parsed) filled in and checked."""
+        return spec
 
     def make_layer(self, index: int, model) -> "LayerCache":
         raise NotImplementedError

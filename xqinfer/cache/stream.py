@@ -43,8 +43,15 @@ class QuantStream:
         dtype: torch.dtype,
         device: torch.device,
         scale_dtype: torch.dtype = torch.float16,
+        eta: float = 0.0,
+        codes_from: QuantStream | None = None,
     ) -> None:
         self.capacity = capacity
+        self.eta = eta
+        # A stream that shares codes (XQuant-KV) stores only its own scales and zeros and reads its partner's codes
+        # as the partner last read them (`last_codes`), which is also the partner's history before a ring write.
+        self.codes_from = codes_from
+        self.last_codes: Tensor | None = None
         self.channels = channels
         self.bits = bits
         self.axis = axis
@@ -63,7 +70,11 @@ class QuantStream:
             raise CacheSpecError(str(exc)) from None
         if axis == "channel" and residual % self.group:
             raise CacheSpecError(f"residual={residual} must be a multiple of the group size {self.group}")
-        self.codes = torch.zeros(*lead, capacity, quant.packed_size(channels, bits), dtype=torch.uint8, device=device)
+        if codes_from is not None and (codes_from.bits, codes_from.group, codes_from.axis) != (bits, self.group, axis):
+            raise CacheSpecError("layers that share codes must use the same bits, group and axis")
+        self.codes = None if codes_from is not None else torch.zeros(
+            *lead, capacity, quant.packed_size(channels, bits), dtype=torch.uint8, device=device
+        )
         params = (capacity, channels // self.group) if axis == "token" else (capacity // self.group, channels)
         self.scale = torch.zeros(*lead, *params, dtype=scale_dtype, device=device)
         self.zero = torch.zeros(*lead, *params, dtype=scale_dtype, device=device)
@@ -78,7 +89,8 @@ class QuantStream:
     def tensors(self) -> list[Tensor]:
         if self.passthrough:
             return [self.values]
-        return [self.codes, self.scale, self.zero, self.ring]
+        own_codes = [self.codes] if self.codes is not None else []
+        return own_codes + [self.scale, self.zero, self.ring]
 
     # ------------------------------------------------------------------------------------------------ read
 
@@ -91,12 +103,17 @@ class QuantStream:
         if self.passthrough:
             # A copy, like the dequantized tensor of the real path: a ring prefill writes before it attends.
             return self.values[..., :span, :].clone()
-        codes = quant.unpack(self.codes[..., :span, :], self.bits, self.channels)
+        if self.codes_from is not None:
+            codes = self.codes_from.last_codes
+        else:
+            codes = quant.unpack(self.codes[..., :span, :], self.bits, self.channels)
+        self.last_codes = codes
         params = span if self.axis == "token" else span // self.group
         scale, zero = self.scale[..., :params, :], self.zero[..., :params, :]
         dim = quant.group_dim(self.axis)
         grouped = quant.to_groups(codes, self.group, self.axis)
-        values = quant.dequantize_codes(grouped, scale.unsqueeze(dim), zero.unsqueeze(dim), self.bits, self.dtype)
+        values = quant.dequantize_codes(grouped, scale.unsqueeze(dim), zero.unsqueeze(dim), self.bits, self.dtype,
+                                        eta=self.eta)
         values = quant.from_groups(values, self.axis)
         if self.ring_size == 0:
             return values
@@ -122,8 +139,15 @@ class QuantStream:
         pad = (-count) % self.group if self.axis == "channel" else 0
         if pad:
             y = torch.cat((y, y[..., -1:, :].expand(*y.shape[:-2], pad, y.shape[-1])), dim=-2)
-        out = quant.fake_quantize(y, self.bits, self.group, self.axis, scale_dtype=self.scale_dtype)
-        return out[..., :count, :]
+        grouped = quant.to_groups(y, self.group, self.axis)
+        scale, zero = quant.minmax_params(grouped, self.bits, self.scale_dtype, dim=quant.group_dim(self.axis))
+        if self.codes_from is not None:
+            codes = self.codes_from.last_codes
+        else:
+            codes = quant.quantize_codes(grouped, scale, zero, self.bits)
+        self.last_codes = codes
+        out = quant.dequantize_codes(codes, scale, zero, self.bits, torch.float32, eta=self.eta)
+        return quant.from_groups(out, self.axis)[..., :count, :].to(y.dtype)
 
     # ------------------------------------------------------------------------------------------------ write
 
@@ -147,13 +171,14 @@ class QuantStream:
             self.write(y, positions)
             return y
         q = self._write_tokens(y, positions)
-        return quant.dequantize(q, self.dtype)
+        return quant.dequantize(q, self.dtype, eta=self.eta)
 
     def _write_tokens(self, y: Tensor, positions: Tensor) -> quant.Quantized:
         tail = min(y.shape[-2], self.capacity)
         q = quant.quantize_per_token(y, self.bits, self.group, scale_dtype=self.scale_dtype)
         slots = positions[-tail:] % self.capacity
-        self.codes.index_copy_(-2, slots, q.codes[..., -tail:, :])
+        if self.codes is not None:
+            self.codes.index_copy_(-2, slots, q.codes[..., -tail:, :])
         self.scale.index_copy_(-2, slots, q.scale[..., -tail:, :])
         self.zero.index_copy_(-2, slots, q.zero[..., -tail:, :])
         return q
@@ -176,7 +201,8 @@ class QuantStream:
         closed = group_ends <= positions[-1]
         token_slots = window % self.capacity
         group_slots = torch.div(window[::g], g, rounding_mode="floor") % (self.capacity // g)
-        _masked_store(self.codes, token_slots, q.codes, closed.repeat_interleave(g))
+        if self.codes is not None:
+            _masked_store(self.codes, token_slots, q.codes, closed.repeat_interleave(g))
         _masked_store(self.scale, group_slots, q.scale, closed)
         _masked_store(self.zero, group_slots, q.zero, closed)
 

@@ -26,6 +26,7 @@ class XQuantCache(Cache):
         "residual": Option(128, minimum=0),
         "outlier": Option(0, choices=(0, 1)),
         "absorb": Option(1, choices=(0, 1)),
+        "eta": Option(0.0, minimum=0.0, maximum=0.5),
     }
 
     @property
@@ -68,7 +69,7 @@ class XQuantMHALayer(LayerCache):
         self.wk = attention.k_proj.weight
         self.wv = attention.v_proj.weight
         self.x = QuantStream((parent.batch_size,), parent.capacity, config.hidden_size, o["bits"], o["group"], "token",
-                             o["residual"], parent.dtype, parent.device)
+                             o["residual"], parent.dtype, parent.device, eta=o["eta"])
 
     def attend(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
         step = self.parent.step
@@ -98,9 +99,9 @@ class XQuantGQALayer(LayerCache):
         lead, dtype = (parent.batch_size,), parent.dtype
         width = latent_width(config)
         self.key_latents = QuantStream(lead, parent.capacity, width - self.outlier, o["bits"], o["group"], "channel",
-                                       o["residual"], dtype, parent.device)
+                                       o["residual"], dtype, parent.device, eta=o["eta"])
         self.value_latents = QuantStream(lead, parent.capacity, width, o["bits"], o["group"], "token",
-                                         o["residual"], dtype, parent.device)
+                                         o["residual"], dtype, parent.device, eta=o["eta"])
         self.outlier_channel = (
             QuantStream(lead, parent.capacity, 1, FULL_PRECISION, 1, "token", 0, dtype, parent.device)
             if self.outlier else None

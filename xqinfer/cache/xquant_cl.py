@@ -21,11 +21,12 @@ from .xquant import attend_values, rotate_stored_keys
 @register("xquant-cl")
 class XQuantCLCache(Cache):
     OPTIONS = {
-        "bits": Option(2, choices=(2, 3, 4, 8)),
+        "bits": Option(2, choices=(1, 2, 3, 4, 8)),
         "base_bits": Option(4, choices=(2, 3, 4, 8)),
         "base_layers": Option(3, minimum=1),
         "group": Option(128, minimum=1),
         "absorb": Option(1, choices=(0, 1)),
+        "eta": Option(0.0, minimum=0.0, maximum=0.5),
     }
 
     def __init__(self, spec: CacheSpec, model, *args, **kwargs) -> None:
@@ -69,7 +70,7 @@ class XQuantCLLayer(LayerCache):
         width = self.basis.shape[1] if self.basis is not None else config.hidden_size
         bits = o["base_bits"] if self.is_base else o["bits"]
         self.stream = QuantStream((parent.batch_size,), parent.capacity, width, bits, o["group"], "token", 0,
-                                  parent.dtype, parent.device)
+                                  parent.dtype, parent.device, eta=o["eta"])
 
     def attend(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
         parent, step = self.parent, self.parent.step
