@@ -49,7 +49,7 @@ class BenchResult:
     reps: int
     cuda_graph: bool
     prefill_tokens_per_s: float
-    decode_tokens_per_s: float
+    decode_tokens_per_s: float | None  # None with --gen 1: nothing is decoded after the first token
     decode_tokens_per_s_std: float
     time_to_first_token_s: float
     peak_memory_bytes: int
@@ -108,7 +108,8 @@ def _bench_one(
     engine = Engine(llm.model, spec, capacity=len(prompt) + gen, batch_size=batch, cuda_graph=cuda_graph,
                     allow_extrapolation=extrapolate)
     # Warm-up: kernels, allocator and (on CUDA) the graph of the first decode bucket.
-    _run(engine, prompt[: min(len(prompt), 256)], WARMUP_TOKENS)
+    warm = prompt[: min(len(prompt), 256)]
+    _run(engine, warm, min(WARMUP_TOKENS, engine.limit - len(warm) + 1))
     prefill, decode, first_token, peaks = [], [], [], []
     for _ in range(reps):
         reset_peak_memory(device)
@@ -128,7 +129,7 @@ def _bench_one(
         reps=reps,
         cuda_graph=engine.graphs is not None,
         prefill_tokens_per_s=statistics.mean(prefill),
-        decode_tokens_per_s=statistics.mean(decode) if decode else float("nan"),
+        decode_tokens_per_s=statistics.mean(decode) if decode else None,
         decode_tokens_per_s_std=statistics.stdev(decode) if len(decode) > 1 else 0.0,
         time_to_first_token_s=statistics.mean(first_token),
         peak_memory_bytes=peak,

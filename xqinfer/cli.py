@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -295,11 +296,22 @@ def write_json(path: Path, data: dict) -> None:
     """Writes through a temporary file, so a failure never leaves a truncated file where an old one was."""
     temporary = path.with_name(f".{path.name}.tmp")
     try:
-        temporary.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        temporary.write_text(json.dumps(finite(data), indent=2, allow_nan=False) + "\n", encoding="utf-8")
         os.replace(temporary, path)
     except OSError as exc:
         temporary.unlink(missing_ok=True)
         raise XQInferError(f"cannot write {path}: {exc.strerror}") from None
+
+
+def finite(value):
+    """NaN and infinities (a figure with nothing to average yet) become null: JSON has no NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: finite(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [finite(item) for item in value]
+    return value
 
 
 def one_line(text: object) -> str:

@@ -26,10 +26,10 @@ def parse_memory(text: str) -> int:
     unit = unit if unit.endswith("b") or not unit else unit + "b"
     if unit not in UNITS:
         raise XQInferError(f"--memory {text!r}: unknown unit (accepted: B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)")
-    value = float(match.group(1)) * UNITS[unit]
+    value = int(float(match.group(1)) * UNITS[unit])
     if value <= 0:
-        raise XQInferError("--memory must be positive")
-    return int(value)
+        raise XQInferError("--memory must be at least one byte")
+    return value
 
 
 @dataclass
@@ -57,8 +57,16 @@ def bytes_per_token(spec: CacheSpec, config: ModelConfig, dtype: torch.dtype) ->
 def residual_bytes(spec: CacheSpec, config: ModelConfig, dtype: torch.dtype) -> int:
     """Full-precision residual tokens a sequence holds on top of its codes (bounded, whatever the length)."""
     residual = spec.options.get("residual", 0)
-    width = config.hidden_size if spec.method == "xquant" and not config.is_gqa else 2 * config.kv_dim
-    return residual * width * config.num_layers * torch.finfo(dtype).bits // 8
+    group = spec.options.get("group", 1)
+    element = torch.finfo(dtype).bits // 8
+    if spec.method == "xquant" and not config.is_gqa:
+        per_layer = residual * config.hidden_size
+    elif spec.method in ("kivi", "asymkv", "xquant-kv", "xquant"):
+        # Keys (or key latents) are grouped per channel: their ring holds at least the open group.
+        per_layer = (max(residual, group) + residual) * config.kv_dim
+    else:
+        per_layer = 0
+    return per_layer * config.num_layers * element
 
 
 def equivalent_bits(spec: CacheSpec) -> float | None:
@@ -102,6 +110,7 @@ def plan(
         max_context = _largest(lambda n: n * per_token + fixed + workspace_bytes(config, n, 1, dtype) <= free,
                                config.max_position_embeddings)
         max_batch = _largest(lambda b: b * per_sequence + workspace_bytes(config, context, b, dtype) <= free, 1 << 20)
+        reachable = context <= config.max_position_embeddings
         rows.append(PlanRow(
             method=str(spec),
             normalized_size=normalized_size(spec, config, dtype),
@@ -110,9 +119,9 @@ def plan(
             cache_bytes_at_context=int(batch * per_sequence),
             weights_bytes=weights,
             workspace_bytes=workspace,
-            fits_at_context=weights + batch * per_sequence + workspace <= memory,
+            fits_at_context=reachable and weights + batch * per_sequence + workspace <= memory,
             max_context_batch_1=max_context,
-            max_batch_at_context=max_batch,
+            max_batch_at_context=max_batch if reachable else 0,
         ))
     return rows
 

@@ -286,14 +286,15 @@ def unpack(packed: Tensor, bits: int, n: int) -> Tensor:
     if bits == 8:
         return packed.to(torch.uint8)
     unit = _codes_per_unit(bits)
-    p = packed.to(torch.int32)
     if bits == 3:
-        p = p.reshape(*p.shape[:-1], -1, 3)
+        p = packed.to(torch.int32).reshape(*packed.shape[:-1], -1, 3)
         byte_shifts = torch.arange(3, device=p.device, dtype=torch.int32) * 8
         word = (p << byte_shifts).sum(dim=-1, dtype=torch.int32)
+        shifts = torch.arange(unit, device=p.device, dtype=torch.int32) * bits
     else:
-        word = p
-    shifts = torch.arange(unit, device=p.device, dtype=torch.int32) * bits
+        # Whole codes sit inside one byte: shifting the bytes themselves moves 4x less memory than int32 would.
+        word = packed
+        shifts = torch.arange(unit, device=packed.device, dtype=torch.uint8) * bits
     codes = (word.unsqueeze(-1) >> shifts) & _levels(bits)
     codes = codes.flatten(-2)
     if codes.shape[-1] != n:
