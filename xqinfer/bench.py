@@ -21,7 +21,7 @@ from .api import LLM
 from .cache import CacheSpec, parse_spec
 from .cache.base import normalized_size
 from .device import peak_memory, reset_peak_memory, synchronize
-from .engine import Engine
+from .engine import UNKNOWN_TOKEN, Engine
 from .errors import XQInferError
 from .plan import bytes_per_token
 
@@ -152,7 +152,7 @@ def _run(engine: Engine, prompt: list[int], gen: int) -> tuple[float, float]:
     prefill_s = time.perf_counter() - start
     start = time.perf_counter()
     for _ in range(gen - 1):
-        token = engine.decode(token).argmax(dim=-1)
+        token = engine.decode(token, UNKNOWN_TOKEN).argmax(dim=-1)
     synchronize(engine.device)
     return prefill_s, time.perf_counter() - start
 

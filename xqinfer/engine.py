@@ -141,15 +141,16 @@ class Engine:
     def decode(self, tokens: Tensor, token_id: int | None = None) -> Tensor:
         """One static-shape step: tokens [B] at the next position -> logits [B, V].
 
-        `token_id` is tokens[0] as a Python int when the caller already has it; without it the history records
-        an unknown id (no host synchronization), which only means a later prompt cannot reuse the cache.
+        `token_id` is tokens[0] as a Python int when the caller already has it (else it is read, a host sync);
+        a caller that must not synchronize passes UNKNOWN_TOKEN, which only means a later prompt cannot reuse
+        the cache past that point.
         """
         self.check_room(1)
         self._step_tokens.copy_(tokens.view(self.batch_size, 1))
         self._step_positions.fill_(self.length)
         span = self.span_for(self.length + 1)
         logits = self.graphs.run(span) if self.graphs is not None else self.static_step(span)
-        self.tokens.append(UNKNOWN_TOKEN if token_id is None else token_id)
+        self.tokens.append(int(tokens[0]) if token_id is None else token_id)
         return logits
 
     def static_step(self, span: int) -> Tensor:

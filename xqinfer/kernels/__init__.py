@@ -1,0 +1,101 @@
+"""Fused GPU kernels (Triton) for the XQuant decode step, with their pure-torch fallback.
+
+Rebuilding K from quantized latents over a long history is arithmetic-bound (2·C·kv_dim flops per token and layer),
+so XQuant's decode speed rests on never writing the dequantized history to memory. `fused_latent_attention` does
+one decode step (one query token per sequence) from the cache's raw buffers: unpack + dequantize the key latents,
+K = L̂k·Mk per KV head on tensor cores, RoPE, GQA scores, softmax, and the weighted sum of the dequantized value
+latents (V absorbed: the caller applies Mv per head). `fused_x_attention` is the same for XQuant on MHA models
+(X per token, K = X̂·Wkᵀ, output p·X̂).
+
+    from xqinfer.kernels import latent_attention, Override
+    out = latent_attention(q, kc, ks, kz, kbits, vc, vs, vz, vbits, mk, cos, sin, mask, group,
+                           key_override=Override(recent, ring, rows))          # [B, H, C]
+
+`latent_attention` dispatches: the Triton kernel when `triton_available()` and the tensors qualify
+(`fused_supported`), else `latent_attention_reference`, the torch path, which is also the test reference. Triton is
+an optional dependency (`pip install xqinfer[triton]`); this package imports without it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+from torch import Tensor
+
+from .reference import KernelConfig, Override, latent_attention_reference, x_attention_reference
+
+__all__ = [
+    "KernelConfig",
+    "Override",
+    "triton_available",
+    "fused_supported",
+    "fused_latent_attention",
+    "fused_x_attention",
+    "latent_attention",
+    "x_attention",
+    "latent_attention_reference",
+    "x_attention_reference",
+]
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def triton_available() -> bool:
+    """Triton imports and can run: a CUDA device is present, or TRITON_INTERPRET=1 (its CPU interpreter)."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    try:
+        import triton  # noqa: F401
+    except Exception:  # a broken install (e.g. a CUDA build mismatch) counts as unavailable
+        return False
+    import torch
+
+    return torch.cuda.is_available() or _interpreting()
+
+
+def fused_supported(q: Tensor, mk: Tensor) -> str | None:
+    """None when the fused path can run on these tensors, else why not (no triton, CPU tensors, head_dim...)."""
+    if not triton_available():
+        return "triton is not installed, or there is neither CUDA nor TRITON_INTERPRET=1"
+    from .fused import supported
+
+    return supported(q, mk)
+
+
+def fused_latent_attention(*args, **kwargs) -> Tensor:
+    """The Triton kernel; same arguments as `latent_attention_reference` (see there). Raises if it cannot run."""
+    if not triton_available():
+        raise RuntimeError("fused_latent_attention needs triton and CUDA (or TRITON_INTERPRET=1 on CPU); "
+                           "install it with: pip install 'xqinfer[triton]'")
+    from .fused import fused_latent_attention as run
+
+    return run(*args, **kwargs)
+
+
+def fused_x_attention(*args, **kwargs) -> Tensor:
+    """The Triton kernel for MHA XQuant; same arguments as `x_attention_reference`. Raises if it cannot run."""
+    if not triton_available():
+        raise RuntimeError("fused_x_attention needs triton and CUDA (or TRITON_INTERPRET=1 on CPU); "
+                           "install it with: pip install 'xqinfer[triton]'")
+    from .fused import fused_x_attention as run
+
+    return run(*args, **kwargs)
+
+
+def latent_attention(q: Tensor, *args, **kwargs) -> Tensor:
+    """The fused kernel when it can run on these tensors, else the torch reference (same arguments and result)."""
+    mk = kwargs["mk"] if "mk" in kwargs else args[8]
+    if fused_supported(q, mk) is None:
+        return fused_latent_attention(q, *args, **kwargs)
+    return latent_attention_reference(q, *args, **kwargs)
+
+
+def x_attention(q: Tensor, *args, **kwargs) -> Tensor:
+    """MHA XQuant: the fused kernel when it can run, else `x_attention_reference`."""
+    wk_t = kwargs["wk_t"] if "wk_t" in kwargs else args[4]
+    if fused_supported(q, wk_t) is None:
+        return fused_x_attention(q, *args, **kwargs)
+    return x_attention_reference(q, *args, **kwargs)
