@@ -120,3 +120,20 @@ def test_quantization_off_equals_fp16(model, text, single_thread):
     quantized = _logits(model, spec, ids[:36], ids[36:])
     if "residual=0" in text:
         assert (quantized - reference).abs().max() > 1e-3  # and with quantization on, it does quantize
+
+
+def test_shared_codes_under_the_sim_protocol(model, tmp_path, single_thread):
+    """sim attends to the new tokens through their quantized form: shared layers must take their partner's codes
+    for those tokens too, not the codes of the partner's history."""
+    from xqinfer.api import LLM
+    from xqinfer.ppl import perplexity
+    from xqinfer.sampling import SamplingParams
+    from xqinfer.tokenizer import Tokenizer
+
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 12, encoding="utf-8")
+    llm = LLM("tiny", model.config, model, Tokenizer.byte_level(300), SamplingParams(), (2,))
+    report = perplexity(llm, text, ["xquant-kv:km=0,vm=0", "xquant-kv:km=4,vm=4"], ctx=128, protocol="sim")
+    shared, unshared = report.scores[1].ppl, report.scores[2].ppl
+    assert all(map(torch.isfinite, map(torch.tensor, (shared, unshared))))
+    assert shared != unshared  # sharing changes what is read

@@ -52,6 +52,7 @@ class QuantStream:
         # as the partner last read them (`last_codes`), which is also the partner's history before a ring write.
         self.codes_from = codes_from
         self.last_codes: Tensor | None = None
+        self.last_simulated_codes: Tensor | None = None
         self.channels = channels
         self.bits = bits
         self.axis = axis
@@ -142,10 +143,10 @@ class QuantStream:
         grouped = quant.to_groups(y, self.group, self.axis)
         scale, zero = quant.minmax_params(grouped, self.bits, self.scale_dtype, dim=quant.group_dim(self.axis))
         if self.codes_from is not None:
-            codes = self.codes_from.last_codes
+            codes = self.codes_from.last_simulated_codes
         else:
             codes = quant.quantize_codes(grouped, scale, zero, self.bits)
-        self.last_codes = codes
+        self.last_simulated_codes = codes
         out = quant.dequantize_codes(codes, scale, zero, self.bits, torch.float32, eta=self.eta)
         return quant.from_groups(out, self.axis)[..., :count, :].to(y.dtype)
 
