@@ -181,7 +181,8 @@ def perplexity(
     caches = [make_cache(spec, llm.model, ctx) for spec in parsed]
     for cache in caches:
         cache.simulate = protocol == "sim"
-    scores = [MethodScore(spec, normalized_size(spec, llm.config, llm.dtype)) for spec in parsed]
+    # The caches' specs have the model-dependent options (AsymKV's lk, XQuant-KV's kq...) filled in.
+    scores = [MethodScore(cache.spec, normalized_size(cache.spec, llm.config, llm.dtype)) for cache in caches]
     report = PerplexityReport(str(dataset), llm.name, protocol, ctx, chunk, len(windows), scores, kld)
     total, done = len(windows) * len(parsed), 0
     try:
