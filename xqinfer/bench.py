@@ -122,7 +122,7 @@ def _bench_one(
     weights, cache_bytes = weights_bytes(llm), engine.cache.nbytes()
     peak = max(peaks)
     return BenchResult(
-        method=str(spec),
+        method=str(engine.cache.spec),
         context=len(prompt),
         batch=batch,
         gen=gen,
