@@ -13,6 +13,7 @@ import math
 import torch
 from torch import Tensor
 
+from ..kernels.xquant_decode import gqa_decode, gqa_fusable, mha_decode, mha_fusable
 from ..rope import apply_rotary
 from .base import Cache, CacheSpec, LayerCache, Option, attend, refuse, register
 from .stream import FULL_PRECISION, QuantStream, stored_bits
@@ -73,6 +74,10 @@ class XQuantMHALayer(LayerCache):
 
     def attend(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
         step = self.parent.step
+        if mha_fusable(self, q, step) is None:
+            # CUDA decode: the fused kernel dequantizes, rebuilds and attends without materializing the history.
+            self.x.write(x, positions)
+            return mha_decode(self, q, step)
         stored = step.read_around_write(
             lambda: self.x.write(x, positions), lambda: self.x.read(step.stored_length, step.stored_positions)
         )
@@ -109,6 +114,9 @@ class XQuantGQALayer(LayerCache):
 
     def attend(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
         step = self.parent.step
+        if gqa_fusable(self, q, step) is None:
+            self._write(x @ self.uk, x @ self.uv, positions)
+            return gqa_decode(self, q, step)
         new_keys, new_values = x @ self.uk, x @ self.uv
         stored_keys, stored_values = step.read_around_write(
             lambda: self._write(new_keys, new_values, positions), lambda: self._read(step)

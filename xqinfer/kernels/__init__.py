@@ -14,11 +14,14 @@ latents (V absorbed: the caller applies Mv per head). `fused_x_attention` is the
 `latent_attention` dispatches: the Triton kernel when `triton_available()` and the tensors qualify
 (`fused_supported`), else `latent_attention_reference`, the torch path, which is also the test reference. Triton is
 an optional dependency (`pip install xqinfer[triton]`); this package imports without it.
+
+Modules: `reference` (the torch path, argument checks, `Override`, `KernelConfig`), `fused` (the Triton kernels,
+imported only when used), `xquant_decode` (the glue an `xquant` layer's decode step calls: buffers and residual
+rings of its streams in, attention output out).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 from torch import Tensor
@@ -28,13 +31,13 @@ from .reference import KernelConfig, Override, latent_attention_reference, x_att
 __all__ = [
     "KernelConfig",
     "Override",
-    "triton_available",
-    "fused_supported",
     "fused_latent_attention",
+    "fused_supported",
     "fused_x_attention",
     "latent_attention",
-    "x_attention",
     "latent_attention_reference",
+    "triton_available",
+    "x_attention",
     "x_attention_reference",
 ]
 
@@ -45,11 +48,9 @@ def _interpreting() -> bool:
 
 def triton_available() -> bool:
     """Triton imports and can run: a CUDA device is present, or TRITON_INTERPRET=1 (its CPU interpreter)."""
-    if importlib.util.find_spec("triton") is None:
-        return False
     try:
         import triton  # noqa: F401
-    except Exception:  # a broken install (e.g. a CUDA build mismatch) counts as unavailable
+    except Exception:  # absent, or a broken install (e.g. a CUDA build mismatch): unavailable either way
         return False
     import torch
 

@@ -28,7 +28,7 @@ from torch import Tensor
 from .. import quant
 from ..rope import apply_rotary
 
-__all__ = ["Override", "KernelConfig", "Shapes", "check_inputs", "latent_attention_reference", "x_attention_reference"]
+__all__ = ["KernelConfig", "Override", "Shapes", "check_inputs", "latent_attention_reference", "x_attention_reference"]
 
 
 class Override(NamedTuple):
@@ -51,14 +51,17 @@ class KernelConfig:
     """Tiling of the fused kernel (ignored by the torch reference). ``None`` picks a default for the device.
 
     * ``block_n``: tokens per tile (rows of the rebuild matmul), a power of two >= 16.
+    * ``kv_block``: KV heads whose keys one program rebuilds from each dequantized latent tile (a power of two
+      dividing the KV heads): amortizes the dequantization over heads, at the cost of registers.
     * ``block_c``: latent channels per step of the rebuild matmul (its reduction dim), a power of two >= 16.
     * ``block_cv``: latent channels per output chunk of the value pass, a power of two >= 16.
     * ``splits``: programs per (batch, KV head) along the sequence (flash-decoding); each one gets a whole number
       of tiles.
-    * ``num_warps``, ``num_stages``: Triton launch options of the main kernel.
+    * ``num_warps``, ``num_stages``: Triton launch options of the key kernel (the heavy one).
     """
 
     block_n: int | None = None
+    kv_block: int | None = None
     block_c: int | None = None
     block_cv: int | None = None
     splits: int | None = None
