@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .api import LLM
-from .cache import CacheSpec, make_cache, parse_spec
+from .cache import REGISTRY, CacheSpec, make_cache, parse_spec
 from .cache.base import normalized_size
 from .errors import XQInferError
 
@@ -64,6 +64,7 @@ class MethodScore:
 
     spec: CacheSpec
     normalized_size: float
+    bits: str
     nll_sum: float = 0.0
     nll_squares: float = 0.0
     kld_sum: float = 0.0
@@ -115,7 +116,7 @@ class PerplexityReport:
         for score in self.scores:
             row = {
                 "spec": str(score.spec),
-                "bits": bits_label(score.spec),
+                "bits": score.bits,
                 "normalized_size": score.normalized_size,
                 "compression": 1.0 / score.normalized_size if score.normalized_size else float("inf"),
                 "ppl": score.ppl,
@@ -143,13 +144,17 @@ class PerplexityReport:
         }
 
 
-def bits_label(spec: CacheSpec) -> str:
+def bits_label(spec: CacheSpec, config) -> str:
+    """Code bits: the spec's `bits`, XQuant-CL's base layers, or [Y]'s equivalent bits of layer-wise KV methods."""
     o = spec.options
-    if "bits" not in o:
-        return "16"
-    if "base_bits" in o:
+    if "bits" in o and "base_bits" in o:
         return f"{o['bits']} (first {o['base_layers']} at {o['base_bits']})"
-    return str(o["bits"])
+    if "bits" in o:
+        return str(o["bits"])
+    method = REGISTRY[spec.method]
+    if hasattr(method, "code_bits"):
+        return f"{method.code_bits(spec, config):g}"
+    return "16"
 
 
 def perplexity(
@@ -182,7 +187,8 @@ def perplexity(
     for cache in caches:
         cache.simulate = protocol == "sim"
     # The caches' specs have the model-dependent options (AsymKV's lk, XQuant-KV's kq...) filled in.
-    scores = [MethodScore(cache.spec, normalized_size(cache.spec, llm.config, llm.dtype)) for cache in caches]
+    scores = [MethodScore(cache.spec, normalized_size(cache.spec, llm.config, llm.dtype),
+                          bits_label(cache.spec, llm.config)) for cache in caches]
     report = PerplexityReport(str(dataset), llm.name, protocol, ctx, chunk, len(windows), scores, kld)
     total, done = len(windows) * len(parsed), 0
     try:
