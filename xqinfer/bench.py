@@ -182,7 +182,3 @@ def _version() -> str:
     except PackageNotFoundError:
         return "unknown"
 
-
-def format_context(tokens: int) -> str:
-    return f"{tokens // 1024}k" if tokens % 1024 == 0 else str(tokens)
-

@@ -111,9 +111,6 @@ class Engine:
         """Most positions a sequence may reach: the model's, and the cache's capacity unless it is a ring."""
         return self.max_positions if self.cache.is_ring else self.capacity
 
-    def room(self) -> int:
-        return self.limit - self.length
-
     def check_room(self, needed: int, held: int | None = None) -> None:
         held = self.length if held is None else held
         if held + needed > self.limit:
