@@ -343,6 +343,7 @@ def test_allow_extrapolation_runs_past_the_model_positions(monkeypatch, capsys, 
 TOP_LEVEL = {"model": str, "random_weights": bool, "device": str, "dtype": str, "threads": int, "torch": str,
              "python": str, "xqinfer": str, "command": str, "results": list}
 RESULT_FIELDS = {"method": str, "context": int, "batch": int, "gen": int, "reps": int, "cuda_graph": bool,
+                 "decode_path": str,
                  "prefill_tokens_per_s": float, "decode_tokens_per_s": float, "decode_tokens_per_s_std": float,
                  "time_to_first_token_s": float, "peak_memory_bytes": int, "weights_bytes": int, "cache_bytes": int,
                  "workspace_bytes": int, "cache_bytes_per_token": float, "normalized_size": float}
@@ -369,7 +370,7 @@ def check_bench_json(path: Path, out: str, context: int, gen: int, reps: int) ->
             assert type(result[key]) is kind, f"{method}: {key}={result[key]!r} is not {kind.__name__}"
         spec = parse_spec(method)
         assert (result["context"], result["gen"], result["reps"], result["batch"]) == (context, gen, reps, 1)
-        assert result["cuda_graph"] is False
+        assert result["cuda_graph"] is False and result["decode_path"] == "torch"
         # The stored figures are the accounting's, and the cache's bytes are its real buffers' at context + gen.
         assert result["cache_bytes_per_token"] == bytes_per_token(spec, config, dtype)
         assert result["normalized_size"] == normalized_size(spec, config, dtype)

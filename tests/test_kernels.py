@@ -478,11 +478,12 @@ def test_glue_refuses_what_the_kernel_does_not_do():
 
     stream = NS(passthrough=False, codes=torch.zeros(1))
     layer = NS(outlier_channel=None, key_latents=stream, value_latents=stream, mv=torch.zeros(64, 64),
-               mk=torch.zeros(64, 64), parent=NS(spec=NS(options={"absorb": 1})))
+               mk=torch.zeros(64, 64), parent=NS(spec=NS(options={"absorb": 1, "fused": 1})))
     q = torch.zeros(1, 2, 1, 32, device=DEVICE)
     assert gqa_fusable(layer, q, NS(concat=True)) == "not a single-token decode step"
     assert "outlier" in gqa_fusable(NS(outlier_channel=object()), q, NS(concat=False))
     for change, reason in (({"key_latents": NS(passthrough=True)}, "bits=16"),
                            ({"value_latents": NS(passthrough=False, codes=None)}, "shares"),
-                           ({"parent": NS(spec=NS(options={"absorb": 0}))}, "absorb")):
+                           ({"parent": NS(spec=NS(options={"absorb": 0, "fused": 1}))}, "absorb"),
+                           ({"parent": NS(spec=NS(options={"absorb": 1, "fused": 0}))}, "fused=0")):
         assert reason in gqa_fusable(NS(**(vars(layer) | change)), q, NS(concat=False), interpreter=True)

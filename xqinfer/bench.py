@@ -25,7 +25,8 @@ from .engine import UNKNOWN_TOKEN, Engine
 from .errors import XQInferError
 from .plan import bytes_per_token
 
-DEFAULT_METHODS = ("fp16", "kivi:bits=2", "kivi:bits=2,group=128,prerope=1", "xquant:bits=4", "xquant-cl:bits=2")
+DEFAULT_METHODS = ("fp16", "kivi:bits=2", "kivi:bits=2,group=128,prerope=1", "asymkv", "xquant-kv", "xquant:bits=4",
+                   "xquant-cl:bits=2")
 WARMUP_TOKENS = 8
 
 
@@ -48,6 +49,7 @@ class BenchResult:
     gen: int
     reps: int
     cuda_graph: bool
+    decode_path: str  # "triton" where fused kernels ran in every layer, "torch" otherwise ("mixed" if some)
     prefill_tokens_per_s: float
     decode_tokens_per_s: float | None  # None with --gen 1: nothing is decoded after the first token
     decode_tokens_per_s_std: float
@@ -128,6 +130,7 @@ def _bench_one(
         gen=gen,
         reps=reps,
         cuda_graph=engine.graphs is not None,
+        decode_path=engine.cache.decode_path(),
         prefill_tokens_per_s=statistics.mean(prefill),
         decode_tokens_per_s=statistics.mean(decode) if decode else None,
         decode_tokens_per_s_std=statistics.stdev(decode) if len(decode) > 1 else 0.0,

@@ -284,6 +284,11 @@ class Cache:
         for layer in self.layers:
             layer.reset()
 
+    def decode_path(self) -> str:
+        """How the last decode step attended: "torch" or "triton" in every layer, else "mixed"."""
+        paths = {layer.decode_path for layer in self.layers}
+        return paths.pop() if len(paths) == 1 else "mixed"
+
     def tensors(self) -> list[Tensor]:
         """Every tensor the cache holds (its actual memory)."""
         return [self.slot_positions] + [t for layer in self.layers for t in layer.tensors()]
@@ -313,6 +318,13 @@ class LayerCache:
     def __init__(self, parent: Cache, index: int) -> None:
         self.parent = parent
         self.index = index
+        # How the last single-token step attended: "torch", or "triton" where a method ran a fused kernel. Set
+        # while the step is traced (also under CUDA-graph capture), so it describes what a replay runs.
+        self.decode_path = "torch"
+
+    def note_decode_path(self, step: Step, fused: bool) -> None:
+        if step.positions.shape[0] == 1:
+            self.decode_path = "triton" if fused else "torch"
 
     def attend(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
         raise NotImplementedError

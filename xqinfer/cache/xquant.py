@@ -28,6 +28,9 @@ class XQuantCache(Cache):
         "outlier": Option(0, choices=(0, 1)),
         "absorb": Option(1, choices=(0, 1)),
         "eta": Option(0.0, minimum=0.0, maximum=0.5),
+        # The fused Triton decode kernel where it can run (CUDA, absorb=1; see kernels/xquant_decode.py); 0 keeps the
+        # torch path, to measure one against the other.
+        "fused": Option(1, choices=(0, 1)),
     }
 
     @property
@@ -74,7 +77,9 @@ class XQuantMHALayer(LayerCache):
 
     def attend(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
         step = self.parent.step
-        if mha_fusable(self, q, step) is None:
+        fused = mha_fusable(self, q, step) is None
+        self.note_decode_path(step, fused)
+        if fused:
             # CUDA decode: the fused kernel dequantizes, rebuilds and attends without materializing the history.
             self.x.write(x, positions)
             return mha_decode(self, q, step)
@@ -114,7 +119,9 @@ class XQuantGQALayer(LayerCache):
 
     def attend(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
         step = self.parent.step
-        if gqa_fusable(self, q, step) is None:
+        fused = gqa_fusable(self, q, step) is None
+        self.note_decode_path(step, fused)
+        if fused:
             self._write(x @ self.uk, x @ self.uv, positions)
             return gqa_decode(self, q, step)
         new_keys, new_values = x @ self.uk, x @ self.uv

@@ -59,6 +59,8 @@ def _common_reason(layer, q: Tensor, step, projection: Tensor, mk: Tensor, inter
         # Triton's CPU interpreter (TRITON_INTERPRET=1) is for tests: a model on the CPU keeps its torch path, even
         # in a process where the variable is set (the kernel tests set it).
         return "the tensors are not on a CUDA device"
+    if not layer.parent.spec.options["fused"]:
+        return "the spec asks for the torch path (fused=0)"
     heads = q.shape[1]
     if not layer.parent.spec.options["absorb"] or heads > projection.shape[1]:
         return "V absorption is off for this step (absorb=0)"
