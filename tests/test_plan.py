@@ -293,7 +293,7 @@ def test_plan_json_schema(monkeypatch, capsys, tmp_path):
     # The table: title with model, budget and context, a header, one row per method.
     assert "llama-3.1-8b" in out and "context 32768" in out and "max context (b=1)" in out
     for method in DEFAULT_METHODS:
-        assert str(parse_spec(method)) in out
+        assert parse_spec(method).label() in out
 
 
 @pytest.mark.parametrize("extras", [False, True], ids=["config-only", "with-unreadable-weights"])

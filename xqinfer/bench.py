@@ -24,6 +24,7 @@ from .device import peak_memory, reset_peak_memory, synchronize
 from .engine import UNKNOWN_TOKEN, Engine
 from .errors import XQInferError
 from .plan import bytes_per_token
+from .roofline import Peaks, decode_floor
 
 DEFAULT_METHODS = ("fp16", "kivi:bits=2", "kivi:bits=2,group=128,prerope=1", "asymkv", "xquant-kv", "xquant:bits=4",
                    "xquant-cl:bits=2")
@@ -60,6 +61,15 @@ class BenchResult:
     workspace_bytes: int
     cache_bytes_per_token: float
     normalized_size: float
+    # With measured peaks (`--floors`): the least a decode step can take here (see roofline.py), as tok/s.
+    decode_floor_tokens_per_s: float | None = None
+    decode_floor_bound: str | None = None  # "memory" or "compute": which limit sets the floor
+
+    @property
+    def fraction_of_floor(self) -> float | None:
+        if self.decode_floor_tokens_per_s is None or self.decode_tokens_per_s is None:
+            return None
+        return self.decode_tokens_per_s / self.decode_floor_tokens_per_s
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -80,9 +90,13 @@ def bench(
     cuda_graph: bool = True,
     allow_extrapolation: bool = False,
     seed: int = 0,
+    peaks: Peaks | None = None,
     report: Callable[[BenchResult], None] | None = None,
 ) -> list[BenchResult]:
-    """Measures every (method, context) pair; `report` sees each result as soon as it is ready."""
+    """Measures every (method, context) pair; `report` sees each result as soon as it is ready.
+
+    With `peaks` (the device's measured rates, `roofline.measure_peaks`), each result also carries its decode floor.
+    """
     if gen < 1 or batch < 1 or reps < 1:
         raise XQInferError("--gen, --batch and --reps must be at least 1")
     specs = [parse_spec(m) if isinstance(m, str) else m for m in methods]
@@ -97,6 +111,11 @@ def bench(
         prompt = torch.randint(0, llm.config.vocab_size, (context,), generator=generator).tolist()
         for spec in specs:
             result = _bench_one(llm, spec, prompt, gen, batch, reps, cuda_graph, allow_extrapolation)
+            if peaks is not None:
+                # Decode steps run over context .. context + gen - 1 cached tokens: the floor at the mean.
+                floor = decode_floor(llm.config, spec, context + gen // 2, batch, llm.dtype, peaks)
+                result.decode_floor_tokens_per_s = batch / floor.seconds
+                result.decode_floor_bound = floor.bound
             results.append(result)
             if report:
                 report(result)

@@ -218,6 +218,7 @@ def bench(
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON to this file."),
     no_cuda_graph: bool = typer.Option(False, "--no-cuda-graph", help="Run the decode step eagerly on CUDA too."),
     allow_extrapolation: bool = typer.Option(False, "--allow-extrapolation", help="Allow contexts beyond the model's positions."),
+    floors: bool = typer.Option(False, "--floors", help="Measure the device's copy bandwidth and matmul rate first and show each decode speed against its floor."),
     preset: Optional[str] = PresetOpt,
     dtype: Optional[str] = DtypeOpt,
     device: Optional[str] = DeviceOpt,
@@ -225,6 +226,7 @@ def bench(
     """Prefill and decode speed, time to first token and memory of each cache method at long contexts."""
     from .bench import DEFAULT_METHODS, bench as run_bench, environment, parse_context
     from .formatting import bench_table
+    from .roofline import measure_peaks
 
     target = pick_device(device)
     context_values = [parse_context(c) for c in contexts] or [DEFAULT_CONTEXT[target.type]]
@@ -235,12 +237,17 @@ def bench(
     env = environment(llm)
     err.print(f"[dim]{env['model']} | {env['device']} | {env['dtype']} | {env['threads']} threads | "
               f"torch {env['torch']}[/dim]")
+    peaks = measure_peaks(llm.device, llm.dtype) if floors else None
+    if peaks is not None:
+        err.print(f"[dim]peaks: copy {peaks.bandwidth / 1e9:.1f} GB/s (read + write), {peaks.dtype} matmul "
+                  f"{peaks.matmul / 1e12:.2f} TFLOP/s[/dim]")
     results = run_bench(llm, context_values, caches or DEFAULT_METHODS, gen=gen, batch=batch, reps=reps,
-                        cuda_graph=not no_cuda_graph, allow_extrapolation=allow_extrapolation,
+                        cuda_graph=not no_cuda_graph, allow_extrapolation=allow_extrapolation, peaks=peaks,
                         report=lambda r: err.print(f"[dim]  done: {r.method} at {r.context} tokens[/dim]"))
     print_table(bench_table(results, env))
     if json_path is not None:
-        write_json(json_path, {**env, "results": [r.as_dict() for r in results]})
+        write_json(json_path, {**env, "peaks": peaks.as_dict() if peaks else None,
+                               "results": [r.as_dict() for r in results]})
 
 
 DEFAULT_CONTEXT = {"cuda": 4096, "cpu": 1024}

@@ -67,10 +67,18 @@ class CacheSpec:
     options: dict[str, Any]
 
     def __str__(self) -> str:
-        if not self.options:
+        return self._written({k: v for k, v in self.options.items() if v is not None})
+
+    def label(self) -> str:
+        """Only the options that differ from the method's defaults (`xquant:bits=2`): the short name tables show."""
+        defaults = REGISTRY[self.method].OPTIONS
+        return self._written({k: v for k, v in self.options.items() if v is not None and v != defaults[k].default})
+
+    def _written(self, options: dict[str, Any]) -> str:
+        if not options:
             return self.method
-        shown = (f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.options.items() if v is not None)
-        return self.method + ":" + ",".join(shown)
+        return self.method + ":" + ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                                            for k, v in options.items())
 
 
 REGISTRY: dict[str, type["Cache"]] = {}
@@ -303,6 +311,12 @@ class Cache:
     def layer_bits_per_element(cls, spec: CacheSpec, config: ModelConfig, index: int, dtype: torch.dtype) -> float:
         """Stored bits per K/V-equivalent element of layer `index` (see `layer_bits`)."""
         raise NotImplementedError
+
+    @classmethod
+    def rebuild_flops_per_token(cls, spec: CacheSpec, config: ModelConfig, index: int) -> float:
+        """Matrix flops a decode query spends per cached token of layer `index` rebuilding K and V from what is
+        stored: none for methods that store K and V (dequantizing is elementwise)."""
+        return 0.0
 
     def layer_normalized_sizes(self) -> list[float]:
         return [bits / 16.0 for bits in layer_bits(self.spec, self.config, self.dtype)]

@@ -65,6 +65,14 @@ class XQuantCache(Cache):
             keys = ((width - 1) * keys + 16) / width
         return width * (keys + values) / (2 * config.kv_dim)
 
+    @classmethod
+    def rebuild_flops_per_token(cls, spec: CacheSpec, config, index: int) -> float:
+        # K = X̂·Wk (MHA) or (X̂Uk)·Mk (GQA); V absorbed costs the weighted sum over the stored width per query head.
+        width = latent_width(config) if config.is_gqa else config.hidden_size
+        keys = 2 * width * config.kv_dim
+        values = 2 * config.num_heads * width if spec.options["absorb"] else 2 * width * config.kv_dim
+        return float(keys + values)
+
 
 class XQuantMHALayer(LayerCache):
     def __init__(self, parent: XQuantCache, index: int, attention) -> None:

@@ -58,6 +58,15 @@ class XQuantCLCache(Cache):
         per_element = float(torch.finfo(dtype).bits) if bits == FULL_PRECISION else stored_bits(bits, min(o["group"], width))
         return width * per_element / (2 * config.kv_dim)
 
+    @classmethod
+    def rebuild_flops_per_token(cls, spec: CacheSpec, config, index: int) -> float:
+        # The accumulator is full width X̂: back from the U_kv basis (GQA), then K = X̂·Wk, V absorbed or rebuilt.
+        d = config.hidden_size
+        to_model_basis = 2 * min(2 * config.kv_dim, d) * d if config.is_gqa else 0
+        keys = 2 * d * config.kv_dim
+        values = 2 * config.num_heads * d if spec.options["absorb"] else 2 * d * config.kv_dim
+        return float(to_model_basis + keys + values)
+
 
 class XQuantCLLayer(LayerCache):
     def __init__(self, parent: XQuantCLCache, index: int, attention) -> None:
