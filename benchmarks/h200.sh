@@ -15,7 +15,6 @@
 set -euo pipefail
 
 OUT=${OUT:-h200-results}
-mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PYTHON=${PYTHON:-python3}
 GEN=${GEN:-128}
@@ -36,6 +35,14 @@ bench() {  # bench NAME PRESET CONTEXT [extra args...]
 }
 
 case "${1:-}" in
+    check | kernels | llama-3.1-8b | llama-3.1-8b-eager | llama-2-7b | 16k) mkdir -p "$OUT" ;;
+    *)
+        awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$0"
+        exit 2
+        ;;
+esac
+
+case "$1" in
     check)
         { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
           "$PYTHON" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
@@ -65,9 +72,5 @@ case "${1:-}" in
     16k)
         bench llama-3.1-8b-16k llama-3.1-8b 16k
         bench llama-2-7b-16k llama-2-7b 16k --allow-extrapolation
-        ;;
-    *)
-        awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$0"
-        exit 2
         ;;
 esac

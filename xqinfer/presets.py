@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from .config import ModelConfig
 from .errors import ConfigError
 
-PRESET_DIR = Path(__file__).resolve().parent.parent / "models"
+
+def _preset_dir() -> Path:
+    # A source checkout (or an editable install) reads models/ beside the package; a wheel installs the same files
+    # as data under <prefix>/share/xqinfer/models (pyproject.toml).
+    for candidate in (Path(__file__).resolve().parent.parent / "models", Path(sys.prefix) / "share/xqinfer/models"):
+        if candidate.is_dir():
+            return candidate
+    return Path(sys.prefix) / "share/xqinfer/models"
+
+
+PRESET_DIR = _preset_dir()
 
 
 def preset_names() -> list[str]:
