@@ -29,6 +29,7 @@ Rates:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import statistics
@@ -168,7 +169,7 @@ def build_problem(batch: int, span: int, bits: int, dtype, residual: int, seed: 
     import torch
 
     from xqinfer import quant
-    from xqinfer.kernels import Override
+    from xqinfer.kernels import Override, QuantizedHistory
 
     g = torch.Generator(device=DEVICE).manual_seed(seed)
     shape = (batch, span, CHANNELS)
@@ -184,15 +185,18 @@ def build_problem(batch: int, span: int, bits: int, dtype, residual: int, seed: 
     angles = torch.cat((angles, angles), dim=-1)
     cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
     mask = torch.ones(span, dtype=torch.bool, device=DEVICE)
-    kwargs = {}
-    if residual:
+
+    def ring_override(latents):
+        if not residual:
+            return None
         ring_rows = positions % residual
-        for name, latents in (("key_override", key_latents), ("value_override", value_latents)):
-            ring = torch.zeros(batch, residual, CHANNELS, device=DEVICE, dtype=dtype)
-            ring[:, ring_rows[-residual:]] = latents[:, -residual:].to(dtype)
-            kwargs[name] = Override(positions >= span - residual, ring, ring_rows)
-    args = (q, kq.codes, kq.scale, kq.zero, bits, vq.codes, vq.scale, vq.zero, bits, mk, cos, sin, mask, GROUP)
-    return args, kwargs
+        ring = torch.zeros(batch, residual, CHANNELS, device=DEVICE, dtype=dtype)
+        ring[:, ring_rows[-residual:]] = latents[:, -residual:].to(dtype)
+        return Override(positions >= span - residual, ring, ring_rows)
+
+    keys = QuantizedHistory(kq.codes, kq.scale, kq.zero, bits, ring_override(key_latents))
+    values = QuantizedHistory(vq.codes, vq.scale, vq.zero, bits, ring_override(value_latents))
+    return q, keys, values, mk, cos, sin, mask, GROUP
 
 
 def work(batch: int, span: int, bits: int, dtype_bytes: int, residual: int, splits: int, kv_block: int) -> dict:
@@ -214,6 +218,13 @@ def work(batch: int, span: int, bits: int, dtype_bytes: int, residual: int, spli
             "bytes": codes + params + ring + weights + q, "scratch_bytes": scratch}
 
 
+def exact_fp32(history):
+    """The `QuantizedHistory` with its ring rows in fp32 (codes, scales and zeros as stored)."""
+    if history.override is None:
+        return history
+    return dataclasses.replace(history, override=history.override._replace(exact=history.override.exact.float()))
+
+
 def relative_error(out, exact) -> float:
     return ((out.float() - exact.float()).norm() / exact.float().norm()).item()
 
@@ -224,14 +235,12 @@ def run_case(batch: int, span: int, bits: int, args, peaks: dict) -> dict:
     from xqinfer.kernels import KernelConfig, fused, latent_attention_reference
 
     dtype = getattr(torch, DTYPES[args.dtype])
-    problem, kwargs = build_problem(batch, span, bits, dtype, args.residual, args.seed)
+    problem = build_problem(batch, span, bits, dtype, args.residual, args.seed)
     row = {"batch": batch, "context": span, "bits": bits, "dtype": args.dtype, "residual": args.residual}
 
-    upcast = list(problem)
-    for i in (0, 9, 10, 11):
-        upcast[i] = upcast[i].float()
-    exact_kwargs = {k: v._replace(exact=v.exact.float()) for k, v in kwargs.items()}
-    exact = latent_attention_reference(*upcast, **exact_kwargs)
+    q, keys, values, mk, cos, sin, mask, group = problem
+    exact = latent_attention_reference(q.float(), exact_fp32(keys), exact_fp32(values), mk.float(), cos.float(),
+                                       sin.float(), mask, group)
 
     configs = []
     for block_n, block_c, block_cv, kv_block, warps, stages in args.configs:
@@ -240,13 +249,13 @@ def run_case(batch: int, span: int, bits: int, args, peaks: dict) -> dict:
         entry = {"block_n": block_n, "block_c": block_c, "block_cv": block_cv, "kv_block": kv_block,
                  "num_warps": warps, "num_stages": stages}
         try:
-            launch = fused.prepare(*problem, **kwargs, config=config)
-            out = fused.fused_latent_attention(*problem, **kwargs, config=config)
+            launch = fused.prepare(*problem, config=config)
+            out = fused.fused_latent_attention(*problem, config=config)
             entry["splits"] = launch.steps[0].grid[1]
             entry["rel_error"] = relative_error(out, exact)
 
             def call(config=config):
-                return fused.fused_latent_attention(*problem, **kwargs, config=config)
+                return fused.fused_latent_attention(*problem, config=config)
 
             entry["graph_ms"] = time_ms(call, args.warmup, args.reps, args.repeats, graph=True)
             entry["eager_ms"] = time_ms(call, args.warmup, args.reps, args.repeats, graph=False)
@@ -270,7 +279,7 @@ def run_case(batch: int, span: int, bits: int, args, peaks: dict) -> dict:
                             model_ms_per_token=best["graph_ms"] * LAYERS)
     if not args.no_torch:
         def call():
-            return latent_attention_reference(*problem, **kwargs)
+            return latent_attention_reference(*problem)
 
         torch_path = {"rel_error": relative_error(call(), exact)}
         try:

@@ -13,7 +13,6 @@ import functools
 
 import pytest
 import torch
-from conftest import SHARED
 
 import xqinfer
 from xqinfer import quant
@@ -25,6 +24,8 @@ from xqinfer.engine import Engine
 from xqinfer.errors import CacheSpecError
 from xqinfer.loader import random_model
 from xqinfer.sampling import SamplingParams
+
+from conftest import SHARED
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

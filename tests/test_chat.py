@@ -24,11 +24,12 @@ import torch
 from rich.console import Console
 
 import xqinfer
-from conftest import SHARED
 from xqinfer.api import Session
 from xqinfer.chat import ChatREPL
 from xqinfer.engine import Engine
 from xqinfer.sampling import SamplingParams
+
+from conftest import SHARED
 
 STORIES = SHARED / "models" / "stories260K"
 TURNS = ("Once upon a time", "The little dog")

@@ -20,9 +20,10 @@ import pytest
 import torch
 
 import xqinfer
-from conftest import SHARED
 from xqinfer import cli
 from xqinfer.sampling import SamplingParams
+
+from conftest import SHARED
 
 STORIES = SHARED / "models" / "stories260K"
 PROMPT = "Once upon a time"

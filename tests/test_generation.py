@@ -8,7 +8,6 @@ import random
 
 import pytest
 import torch
-from conftest import SHARED, load_hf
 
 import xqinfer
 from xqinfer.api import StopMatcher, build_prompt
@@ -23,6 +22,8 @@ from xqinfer.sampling import (
     top_k_filter,
     top_p_filter,
 )
+
+from conftest import SHARED, load_hf
 
 STORIES = SHARED / "models" / "stories260K"
 AIDREAMS = SHARED / "models" / "aidreams260K"

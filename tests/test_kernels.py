@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -32,6 +33,7 @@ from xqinfer.cache.xquant import attend_values  # noqa: E402
 from xqinfer.kernels import (  # noqa: E402
     KernelConfig,
     Override,
+    QuantizedHistory,
     fused_latent_attention,
     fused_supported,
     fused_x_attention,
@@ -99,7 +101,7 @@ def make_case(*, batch=1, heads=4, kv_heads=1, head_dim=32, channels=64, span=96
     key_scale[:, empty_groups] = float("inf")
     key_zero[:, empty_groups] = float("nan")
 
-    kwargs = {"eta": eta}
+    key_ov = value_ov = None
     if override is not None:
         flush = residual or key_group
         key_from = length // flush * flush
@@ -124,7 +126,6 @@ def make_case(*, batch=1, heads=4, kv_heads=1, head_dim=32, channels=64, span=96
             value_ring[:, rows[value_recent]] = value_x[:, value_recent]
             key_ov = Override(key_recent, key_ring.to(dtype), rows.to(torch.int32))
             value_ov = Override(value_recent, value_ring.to(dtype), rows)
-        kwargs.update(key_override=key_ov, value_override=value_ov)
 
     mk = (torch.randn(channels, kv_heads * head_dim, generator=g) / math.sqrt(channels)).to(dtype)
     q = torch.randn(batch, heads, head_dim, generator=g).to(dtype)
@@ -135,9 +136,10 @@ def make_case(*, batch=1, heads=4, kv_heads=1, head_dim=32, channels=64, span=96
     if batch_mask:
         mask = mask.expand(batch, span).clone()
         mask[-1] = False  # the last sequence attends to nothing: zeros, not NaN
-    args = [q, key_codes, key_scale, key_zero, key_bits, value_codes, value_scale, value_zero, value_bits, mk, cos,
-            sin, mask, group]
-    return _to(args, DEVICE), {k: _to(v, DEVICE) for k, v in kwargs.items()}
+    keys = QuantizedHistory(key_codes, key_scale, key_zero, key_bits, key_ov)
+    values = QuantizedHistory(value_codes, value_scale, value_zero, value_bits, value_ov)
+    args = [q, keys, values, mk, cos, sin, mask, group]
+    return _to(args, DEVICE), {"eta": eta}
 
 
 def _to(value, device):
@@ -145,21 +147,25 @@ def _to(value, device):
         return value.to(device)
     if isinstance(value, Override):
         return Override(*(None if t is None else t.to(device) for t in value))
+    if isinstance(value, QuantizedHistory):
+        return QuantizedHistory(value.codes.to(device), value.scale.to(device), value.zero.to(device), value.bits,
+                                _to(value.override, device))
     if isinstance(value, list):
         return [_to(v, device) for v in value]
     return value
 
 
-def _upcast(args, kwargs):
-    """The same problem with every model-dtype tensor in fp32 (codes, scales and zeros stay as stored)."""
-    args = list(args)
-    for i in (0, 9, 10, 11):
-        args[i] = args[i].float()
-    kwargs = dict(kwargs)
-    for key in ("key_override", "value_override"):
-        if key in kwargs:
-            kwargs[key] = kwargs[key]._replace(exact=kwargs[key].exact.float())
-    return args, kwargs
+def _exact_fp32(history: QuantizedHistory) -> QuantizedHistory:
+    """The history with its override's full-precision rows in fp32 (codes, scales and zeros stay as stored)."""
+    if history.override is None:
+        return history
+    return replace(history, override=history.override._replace(exact=history.override.exact.float()))
+
+
+def _upcast(args):
+    """The same problem with every model-dtype tensor in fp32: q, mk, the RoPE tables and the overrides' rows."""
+    q, keys, values, mk, cos, sin, mask, group = args
+    return [q.float(), _exact_fp32(keys), _exact_fp32(values), mk.float(), cos.float(), sin.float(), mask, group]
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -169,9 +175,9 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
 def _check(args, kwargs, config=None):
     out = fused_latent_attention(*args, **kwargs, config=config)
     dtype = args[0].dtype
-    assert out.shape == (args[0].shape[0], args[0].shape[1], args[9].shape[0]) and out.dtype == dtype
+    assert out.shape == (args[0].shape[0], args[0].shape[1], args[3].shape[0]) and out.dtype == dtype
     assert torch.isfinite(out).all()
-    exact = latent_attention_reference(*_upcast(args, kwargs)[0], **_upcast(args, kwargs)[1])
+    exact = latent_attention_reference(*_upcast(args), **kwargs)
     torch_path = latent_attention_reference(*args, **kwargs)
     error, torch_error = _relative(out, exact), _relative(torch_path, exact)
     assert error <= TOLERANCE[dtype], f"kernel error {error:.2e} (the torch path in {dtype}: {torch_error:.2e})"
@@ -222,8 +228,8 @@ def test_tilings(config, key_bits, value_bits):
 def test_bad_inputs_are_refused():
     args, kwargs = make_case(span=64)
     wrong = list(args)
-    wrong[2] = wrong[2][:, :1]  # per-channel scales for one group of a 2-group span
-    with pytest.raises(ValueError, match="key_scale"):
+    wrong[1] = replace(args[1], scale=args[1].scale[:, :1])  # per-channel scales for one group of a 2-group span
+    with pytest.raises(ValueError, match=r"keys\.scale"):
         fused_latent_attention(*wrong)
     with pytest.raises(ValueError, match="power of two"):
         fused_latent_attention(*args, config=KernelConfig(block_n=24))
@@ -234,10 +240,10 @@ def test_bad_inputs_are_refused():
 def test_dispatch_falls_back_to_torch():
     assert triton_available()
     args, kwargs = make_case(head_dim=16, heads=2, kv_heads=2, span=64)
-    assert "head_dim 16" in fused_supported(args[0], args[9])
+    assert "head_dim 16" in fused_supported(args[0], args[3])
     assert torch.equal(latent_attention(*args, **kwargs), latent_attention_reference(*args, **kwargs))
     args, kwargs = make_case(span=64)
-    assert fused_supported(args[0], args[9]) is None
+    assert fused_supported(args[0], args[3]) is None
     assert torch.equal(latent_attention(*args, **kwargs), fused_latent_attention(*args, **kwargs))
 
 
@@ -279,12 +285,12 @@ def test_integration_recipe_matches_the_cache_path(fused):
         recent = (slot_positions >= stream._full_precision_from(stored_length)) & (slot_positions >= 0)
         return Override(recent, stream.ring, slot_positions.clamp(min=0) % stream.ring_size)
 
-    args = [q, key_stream.codes[:, :span], key_stream.scale[:, : span // group], key_stream.zero[:, : span // group],
-            3, value_stream.codes[:, :span], value_stream.scale[:, :span], value_stream.zero[:, :span], 3, mk, cos,
-            sin, mask, group]
-    kwargs = dict(key_override=override(key_stream), value_override=override(value_stream))
+    keys = QuantizedHistory(key_stream.codes[:, :span], key_stream.scale[:, : span // group],
+                            key_stream.zero[:, : span // group], 3, override(key_stream))
+    values = QuantizedHistory(value_stream.codes[:, :span], value_stream.scale[:, :span],
+                              value_stream.zero[:, :span], 3, override(value_stream))
     run = fused_latent_attention if fused else latent_attention_reference
-    mixed = run(*_to(args, DEVICE), **_to(kwargs, DEVICE)).cpu()  # [B, H, C]
+    mixed = run(*_to([q, keys, values, mk, cos, sin, mask, group], DEVICE)).cpu()  # [B, H, C]
     per_head = mv.view(channels, kv_heads, head_dim).transpose(0, 1)
     out = (mixed.view(batch, kv_heads, heads // kv_heads, channels) @ per_head).reshape(batch, heads, 1, head_dim)
     assert _relative(out, expected) <= 1e-5
@@ -302,19 +308,12 @@ def test_mha_x_attention():
     wk = wk.bfloat16()
     mask = torch.arange(span) < length
     recent = (torch.arange(span) >= length - 8) & mask
-    ov = Override(recent, x.bfloat16())
-    args = _to([q, xq.codes, xq.scale, xq.zero, 4, wk.T, cos, sin, mask, group], DEVICE)
-    out = fused_x_attention(*args, override=_to(ov, DEVICE))
-    exact = x_attention_reference(*_upcast_x(args), override=_to(ov._replace(exact=ov.exact.float()), DEVICE))
+    stream = QuantizedHistory(xq.codes, xq.scale, xq.zero, 4, Override(recent, x.bfloat16()))
+    q, stream, wk_t, cos, sin, mask = _to([q, stream, wk.T, cos, sin, mask], DEVICE)
+    out = fused_x_attention(q, stream, wk_t, cos, sin, mask, group)
+    exact = x_attention_reference(q.float(), _exact_fp32(stream), wk_t.float(), cos.float(), sin.float(), mask, group)
     assert torch.isfinite(out).all()
     assert _relative(out, exact) <= TOLERANCE[torch.bfloat16]
-
-
-def _upcast_x(args):
-    args = list(args)
-    for i in (0, 5, 6, 7):
-        args[i] = args[i].float()
-    return args
 
 
 # ---------------------------------------------------------------------------------------------------- GPU compile
@@ -345,7 +344,7 @@ class OfflineDriver:
 
 driver.set_active(OfflineDriver(int(sys.argv[1])))
 from xqinfer import quant
-from xqinfer.kernels import KernelConfig, Override, fused
+from xqinfer.kernels import KernelConfig, Override, QuantizedHistory, fused
 
 
 def case(dtype, key_bits, value_bits, key_axis, override, eta, kv_block):
@@ -359,16 +358,18 @@ def case(dtype, key_bits, value_bits, key_axis, override, eta, kv_block):
     block_n, warps = (128, 8) if kv_block == 1 else (64, 4)
     config = KernelConfig(block_n=block_n, block_c=64, block_cv=64, kv_block=kv_block, splits=2, num_warps=warps,
                           num_stages=2)
-    kw = dict(eta=eta, key_axis=key_axis, config=config)
+    key_override = value_override = None
     if override:
         recent = torch.arange(span) >= span - 40
-        kw.update(key_override=Override(recent, x.to(dtype)),
-                  value_override=Override(recent, x[:, :64].to(dtype), torch.arange(span) % 64))
+        key_override = Override(recent, x.to(dtype))
+        value_override = Override(recent, x[:, :64].to(dtype), torch.arange(span) % 64)
+    keys = QuantizedHistory(kq.codes, kq.scale, kq.zero, key_bits, key_override)
+    values = QuantizedHistory(vq.codes, vq.scale, vq.zero, value_bits, value_override)
     q = torch.randn(batch, heads, head_dim).to(dtype)
     mk = torch.randn(channels, kv_heads * head_dim).to(dtype)
     table = torch.randn(span, head_dim).to(dtype)
-    return fused.prepare(q, kq.codes, kq.scale, kq.zero, key_bits, vq.codes, vq.scale, vq.zero, value_bits, mk,
-                         table, table, torch.ones(span, dtype=torch.bool), group, **kw)
+    return fused.prepare(q, keys, values, mk, table, table, torch.ones(span, dtype=torch.bool), group, eta=eta,
+                         key_axis=key_axis, config=config)
 
 
 for spec in [(torch.bfloat16, 4, 3, "channel", True, 0.0, 1), (torch.float16, 2, 8, "token", False, 0.1, 2)]:

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SHARED
 
 import xqinfer
 import xqinfer.ppl as ppl_module
@@ -29,6 +28,8 @@ from xqinfer.cache import make_cache, parse_spec
 from xqinfer.cache.base import normalized_size
 from xqinfer.cache.stream import QuantStream
 from xqinfer.ppl import perplexity, read_text, window_logits
+
+from conftest import SHARED
 
 STORIES = SHARED / "models" / "stories260K"  # GQA: 8 query heads, 4 KV heads, head_dim 8, 512 positions
 AIDREAMS = SHARED / "models" / "aidreams260K"  # MHA: 4 heads, head_dim 16, 128 positions

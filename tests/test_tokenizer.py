@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SHARED
 from xqinfer.errors import ConfigError
 from xqinfer.tokenizer import Tokenizer
+
+from conftest import SHARED
 
 LLAMA2 = SHARED / "tokenizers" / "llama2"
 STORIES = SHARED / "models" / "stories260K"

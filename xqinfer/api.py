@@ -79,7 +79,9 @@ def load(
     return LLM(str(model), config, weights, tokenizer, sampling, eos, path=directory)
 
 
-def _generation_defaults(directory: Path, config: ModelConfig, tokenizer: Tokenizer) -> tuple[SamplingParams, tuple[int, ...]]:
+def _generation_defaults(
+    directory: Path, config: ModelConfig, tokenizer: Tokenizer
+) -> tuple[SamplingParams, tuple[int, ...]]:
     path = directory / "generation_config.json"
     data: dict = {}
     if path.is_file():

@@ -14,18 +14,18 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from . import api
+from .device import pick_device
+from .errors import XQInferError
+from .formatting import stats_line
+from .sampling import SamplingParams
+
 try:  # typer >= 0.16 vendors click; older releases use click itself
     from typer._click import exceptions as click_exceptions
 except ImportError:  # pragma: no cover
     from click import exceptions as click_exceptions
 # click < 8.2 has no such error: `xqinfer` alone prints the help and exits through Exit there.
 NoArgsIsHelpError = getattr(click_exceptions, "NoArgsIsHelpError", ())
-
-from . import api
-from .device import pick_device
-from .errors import XQInferError
-from .formatting import stats_line
-from .sampling import SamplingParams
 
 app = typer.Typer(
     add_completion=False,
@@ -37,7 +37,8 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 # soft_wrap: rich must not break long lines (stats, /help, errors) when the output is a pipe or a file.
 out = Console(highlight=False, soft_wrap=True)
 
-ModelArg = typer.Argument(None, help="Model directory or Hugging Face hub id (default: the embedded random-weight preset).")
+ModelArg = typer.Argument(
+    None, help="Model directory or Hugging Face hub id (default: the embedded random-weight preset).")
 PresetOpt = typer.Option(None, "--preset", help="Architecture preset from models/ with seeded random weights.")
 DtypeOpt = typer.Option(None, "--dtype", help="bf16, fp16 or fp32 (default: bf16 on CUDA, fp32 on CPU).")
 DeviceOpt = typer.Option(None, "--device", help="cpu or cuda (default: cuda when present).")
@@ -63,7 +64,8 @@ def sampling_from(
 
 def load_llm(model: str | None, preset: str | None, dtype: str | None, device: str | None) -> api.LLM:
     if model is None and preset is None:
-        err.print(f"[dim]no MODEL given: using the embedded preset {api.DEFAULT_PRESET} (random weights, so the text is noise)[/dim]")
+        err.print(f"[dim]no MODEL given: using the embedded preset {api.DEFAULT_PRESET} "
+                  "(random weights, so the text is noise)[/dim]")
     return api.load(model, preset=preset, dtype=dtype, device=device)
 
 
@@ -73,7 +75,8 @@ def generate(
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Prompt text."),
     prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", "-f", help="Read the prompt from a file."),
     max_tokens: int = typer.Option(256, "--max-tokens", "-n", min=1, help="Most tokens to generate."),
-    temperature: Optional[float] = typer.Option(None, "--temperature", "--temp", help="0 = greedy (default: the model's generation_config)."),
+    temperature: Optional[float] = typer.Option(
+        None, "--temperature", "--temp", help="0 = greedy (default: the model's generation_config)."),
     top_p: Optional[float] = typer.Option(None, "--top-p"),
     top_k: Optional[int] = typer.Option(None, "--top-k"),
     min_p: Optional[float] = typer.Option(None, "--min-p"),
@@ -81,7 +84,8 @@ def generate(
     seed: Optional[int] = typer.Option(None, "--seed"),
     stop: list[str] = typer.Option([], "--stop", help="Stop string (repeatable)."),
     system: Optional[str] = typer.Option(None, "--system", help="System prompt (implies --chat)."),
-    chat: Optional[bool] = typer.Option(None, "--chat/--no-chat", help="Use the chat template (default: when the model has one)."),
+    chat: Optional[bool] = typer.Option(
+        None, "--chat/--no-chat", help="Use the chat template (default: when the model has one)."),
     cache: str = CacheOpt,
     preset: Optional[str] = PresetOpt,
     dtype: Optional[str] = DtypeOpt,
@@ -143,7 +147,8 @@ def chat(
     model: Optional[str] = ModelArg,
     system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
     max_tokens: int = typer.Option(512, "--max-tokens", "-n", min=1, help="Most tokens per reply."),
-    ctx: Optional[int] = typer.Option(None, "--ctx", "-c", min=1, help="Context to allocate (default: min(model's, 4096))."),
+    ctx: Optional[int] = typer.Option(
+        None, "--ctx", "-c", min=1, help="Context to allocate (default: min(model's, 4096))."),
     temperature: Optional[float] = typer.Option(None, "--temperature", "--temp"),
     top_p: Optional[float] = typer.Option(None, "--top-p"),
     top_k: Optional[int] = typer.Option(None, "--top-k"),
@@ -167,10 +172,14 @@ def chat(
 @app.command()
 def ppl(
     dataset: Path = typer.Argument(..., help="UTF-8 text file to score."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model directory or hub id (default: the embedded preset)."),
-    caches: list[str] = typer.Option([], "--cache", help="Cache method spec (repeatable); fp16 always runs as the baseline."),
+    model: Optional[str] = typer.Option(
+        None, "--model", "-m", help="Model directory or hub id (default: the embedded preset)."),
+    caches: list[str] = typer.Option(
+        [], "--cache", help="Cache method spec (repeatable); fp16 always runs as the baseline."),
     ctx: int = typer.Option(512, "--ctx", "-c", help="Window length in tokens."),
-    protocol: str = typer.Option("sim", "--protocol", help="sim (the papers': every K/V quantized, one pass per window) or stream (the real cache, in chunks)."),
+    protocol: str = typer.Option(
+        "sim", "--protocol",
+        help="sim (the papers': every K/V quantized, one pass per window) or stream (the real cache, in chunks)."),
     chunk: int = typer.Option(1, "--chunk", help="stream: tokens per forward (1 = token-by-token decode)."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Score at most this many windows."),
     kld: bool = typer.Option(False, "--kld", help="Also report the KL divergence to fp16 per token."),
@@ -209,22 +218,28 @@ def ppl(
 
 @app.command()
 def bench(
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model directory or hub id (default: a preset that fits this machine)."),
+    model: Optional[str] = typer.Option(
+        None, "--model", "-m", help="Model directory or hub id (default: a preset that fits this machine)."),
     contexts: list[str] = typer.Option([], "--context", "-c", help="Prompt length: 4096, 4k, 32K (repeatable)."),
-    caches: list[str] = typer.Option([], "--cache", help="Cache method spec (repeatable; default: every method at a typical setting)."),
+    caches: list[str] = typer.Option(
+        [], "--cache", help="Cache method spec (repeatable; default: every method at a typical setting)."),
     gen: int = typer.Option(128, "--gen", "-g", help="Tokens to decode after the prompt."),
     batch: int = typer.Option(1, "--batch", "-b", help="Sequences decoded together."),
     reps: int = typer.Option(3, "--reps", "-r", help="Repetitions after the warm-up."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON to this file."),
     no_cuda_graph: bool = typer.Option(False, "--no-cuda-graph", help="Run the decode step eagerly on CUDA too."),
-    allow_extrapolation: bool = typer.Option(False, "--allow-extrapolation", help="Allow contexts beyond the model's positions."),
-    floors: bool = typer.Option(False, "--floors", help="Measure the device's copy bandwidth and matmul rate first and show each decode speed against its floor."),
+    allow_extrapolation: bool = typer.Option(
+        False, "--allow-extrapolation", help="Allow contexts beyond the model's positions."),
+    floors: bool = typer.Option(
+        False, "--floors",
+        help="Measure copy bandwidth and matmul rate first; show each decode speed against its floor."),
     preset: Optional[str] = PresetOpt,
     dtype: Optional[str] = DtypeOpt,
     device: Optional[str] = DeviceOpt,
 ) -> None:
     """Prefill and decode speed, time to first token and memory of each cache method at long contexts."""
-    from .bench import DEFAULT_METHODS, bench as run_bench, environment, parse_context
+    from .bench import DEFAULT_METHODS, environment, parse_context
+    from .bench import bench as run_bench
     from .formatting import bench_table
     from .roofline import measure_peaks
 
@@ -263,7 +278,8 @@ def default_bench_preset(device: torch.device) -> str:
 
 @app.command()
 def plan(
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model directory or hub id (only config.json is read)."),
+    model: Optional[str] = typer.Option(
+        None, "--model", "-m", help="Model directory or hub id (only config.json is read)."),
     memory: str = typer.Option(..., "--memory", help="Memory budget: 80GB, 24GiB, ..."),
     context: str = typer.Option("32k", "--context", "-c", help="Context per sequence: 4096, 32k, ..."),
     caches: list[str] = typer.Option([], "--cache", help="Cache method spec (repeatable; default: every method)."),
@@ -277,7 +293,8 @@ def plan(
     from .config import ModelConfig, torch_dtype
     from .formatting import plan_table
     from .loader import resolve
-    from .plan import parse_memory, plan as make_plan
+    from .plan import parse_memory
+    from .plan import plan as make_plan
     from .presets import preset_config
 
     if model is not None and preset is not None:

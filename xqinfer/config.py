@@ -109,11 +109,13 @@ class ModelConfig:
                     raise ConfigError(f"{origin}: hidden_size {hidden} is not divisible by num_attention_heads {heads}")
                 head_dim = hidden // heads
             if heads % kv_heads:
-                raise ConfigError(f"{origin}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
+                raise ConfigError(f"{origin}: num_attention_heads {heads} is not a multiple of "
+                                  f"num_key_value_heads {kv_heads}")
             if head_dim % 2:
                 raise ConfigError(f"{origin}: head_dim {head_dim} must be even for rotary embeddings")
             max_positions = _positive_int(data, "max_position_embeddings", origin, default=2048)
-            # Only Mistral's attention reads sliding_window; Llama configs that carry one ignore it, as transformers does.
+            # Only Mistral's attention reads sliding_window; Llama configs that carry one ignore it, as transformers
+            # does.
             sliding_window = data.get("sliding_window") if architecture == "MistralForCausalLM" else None
             if sliding_window is not None:
                 sliding_window = _positive_int(data, "sliding_window", origin)

@@ -73,7 +73,8 @@ class Engine:
         self.model = model
         self.device = model.output_weight().device
         # Beyond the trained positions quality degrades (unless dynamic RoPE stretches them): opt-in only.
-        self.max_positions = (capacity or config.max_position_embeddings) if allow_extrapolation else config.max_position_embeddings
+        trained = config.max_position_embeddings
+        self.max_positions = (capacity or trained) if allow_extrapolation else trained
         self.capacity = min(capacity or self.max_positions, self.max_positions)
         self.spec = parse_spec(cache) if isinstance(cache, str) else cache
         self.cache: Cache = make_cache(self.spec, model, self.capacity, batch_size)
@@ -121,7 +122,7 @@ class Engine:
 
     @torch.inference_mode()
     def prefill(self, ids: Sequence[int]) -> Tensor:
-        """Feeds ids after what is cached, in chunks (no [N, N] mask for long prompts); returns the last logits [B, V]."""
+        """Feeds ids after what is cached, in chunks (never an [N, N] mask); returns the last logits [B, V]."""
         self.check_room(len(ids))
         logits = None
         step = min(self.prefill_chunk, self.cache.max_chunk)

@@ -67,7 +67,8 @@ def bench_table(results, env: dict) -> Table:
         table.add_column(header, justify="left" if header == "method" else "right", no_wrap=True)
     for r in results:
         cells = [label(r.method), str(r.context), str(r.batch), f"{r.prefill_tokens_per_s:.1f}",
-                 "-" if r.decode_tokens_per_s is None else f"{r.decode_tokens_per_s:.2f} ± {r.decode_tokens_per_s_std:.2f}",
+                 "-" if r.decode_tokens_per_s is None
+                 else f"{r.decode_tokens_per_s:.2f} ± {r.decode_tokens_per_s_std:.2f}",
                  f"{r.time_to_first_token_s:.3f}",
                  human_bytes(r.peak_memory_bytes), human_bytes(r.weights_bytes), human_bytes(r.cache_bytes),
                  human_bytes(r.workspace_bytes), f"{r.cache_bytes_per_token:.0f}", f"{r.normalized_size:.4f}",

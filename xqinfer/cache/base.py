@@ -38,7 +38,8 @@ class Option:
         try:
             value = kind(text)
         except ValueError:
-            raise CacheSpecError(f"{method}: {key}={text!r} is not a valid {kind.__name__}; {self.describe()}") from None
+            message = f"{method}: {key}={text!r} is not a valid {kind.__name__}; {self.describe()}"
+            raise CacheSpecError(message) from None
         if self.choices is not None and value not in self.choices:
             raise CacheSpecError(f"{method}: {key}={text} is not accepted; {self.describe()}")
         if self.minimum is not None and value < self.minimum:

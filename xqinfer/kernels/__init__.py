@@ -7,17 +7,18 @@ K = L̂k·Mk per KV head on tensor cores, RoPE, GQA scores, softmax, and the wei
 latents (V absorbed: the caller applies Mv per head). `fused_x_attention` is the same for XQuant on MHA models
 (X per token, K = X̂·Wkᵀ, output p·X̂).
 
-    from xqinfer.kernels import latent_attention, Override
-    out = latent_attention(q, kc, ks, kz, kbits, vc, vs, vz, vbits, mk, cos, sin, mask, group,
-                           key_override=Override(recent, ring, rows))          # [B, H, C]
+    from xqinfer.kernels import Override, QuantizedHistory, latent_attention
+    keys = QuantizedHistory(kc, ks, kz, kbits, Override(recent, ring, rows))  # codes, scale, zero, bits, override
+    values = QuantizedHistory(vc, vs, vz, vbits)
+    out = latent_attention(q, keys, values, mk, cos, sin, mask, group)  # [B, H, C]
 
 `latent_attention` dispatches: the Triton kernel when `triton_available()` and the tensors qualify
 (`fused_supported`), else `latent_attention_reference`, the torch path, which is also the test reference. Triton is
 an optional dependency (`pip install xqinfer[triton]`); this package imports without it.
 
-Modules: `reference` (the torch path, argument checks, `Override`, `KernelConfig`), `fused` (the Triton kernels,
-imported only when used), `xquant_decode` (the glue an `xquant` layer's decode step calls: buffers and residual
-rings of its streams in, attention output out).
+Modules: `reference` (the torch path, argument checks, `QuantizedHistory`, `Override`, `KernelConfig`), `fused` (the
+Triton kernels, imported only when used), `xquant_decode` (the glue an `xquant` layer's decode step calls: buffers and
+residual rings of its streams in, attention output out).
 """
 
 from __future__ import annotations
@@ -26,11 +27,12 @@ import os
 
 from torch import Tensor
 
-from .reference import KernelConfig, Override, latent_attention_reference, x_attention_reference
+from .reference import KernelConfig, Override, QuantizedHistory, latent_attention_reference, x_attention_reference
 
 __all__ = [
     "KernelConfig",
     "Override",
+    "QuantizedHistory",
     "fused_latent_attention",
     "fused_supported",
     "fused_x_attention",
@@ -86,17 +88,16 @@ def fused_x_attention(*args, **kwargs) -> Tensor:
     return run(*args, **kwargs)
 
 
-def latent_attention(q: Tensor, *args, **kwargs) -> Tensor:
+def latent_attention(q: Tensor, keys: QuantizedHistory, values: QuantizedHistory, mk: Tensor, cos: Tensor, sin: Tensor,
+                     mask: Tensor, group: int, *, eta: float = 0.0, key_axis: str = "channel",
+                     config: KernelConfig | None = None) -> Tensor:
     """The fused kernel when it can run on these tensors, else the torch reference (same arguments and result)."""
-    mk = kwargs["mk"] if "mk" in kwargs else args[8]
-    if fused_supported(q, mk) is None:
-        return fused_latent_attention(q, *args, **kwargs)
-    return latent_attention_reference(q, *args, **kwargs)
+    run = fused_latent_attention if fused_supported(q, mk) is None else latent_attention_reference
+    return run(q, keys, values, mk, cos, sin, mask, group, eta=eta, key_axis=key_axis, config=config)
 
 
-def x_attention(q: Tensor, *args, **kwargs) -> Tensor:
+def x_attention(q: Tensor, x: QuantizedHistory, wk_t: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, group: int, *,
+                eta: float = 0.0, config: KernelConfig | None = None) -> Tensor:
     """MHA XQuant: the fused kernel when it can run, else `x_attention_reference`."""
-    wk_t = kwargs["wk_t"] if "wk_t" in kwargs else args[4]
-    if fused_supported(q, wk_t) is None:
-        return fused_x_attention(q, *args, **kwargs)
-    return x_attention_reference(q, *args, **kwargs)
+    run = fused_x_attention if fused_supported(q, wk_t) is None else x_attention_reference
+    return run(q, x, wk_t, cos, sin, mask, group, eta=eta, config=config)

@@ -48,7 +48,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .reference import KernelConfig, Override, _mask2, _q3, check_inputs
+from .reference import KernelConfig, Override, QuantizedHistory, _mask2, _q3, check_inputs
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_SPLITS = 256
@@ -433,31 +433,11 @@ class Launch:
         return self.out
 
 
-def prepare(
-    q: Tensor,
-    key_codes: Tensor,
-    key_scale: Tensor,
-    key_zero: Tensor,
-    key_bits: int,
-    value_codes: Tensor,
-    value_scale: Tensor,
-    value_zero: Tensor,
-    value_bits: int,
-    mk: Tensor,
-    cos: Tensor,
-    sin: Tensor,
-    mask: Tensor,
-    group: int,
-    *,
-    key_override: Override | None = None,
-    value_override: Override | None = None,
-    eta: float = 0.0,
-    key_axis: str = "channel",
-    config: KernelConfig | None = None,
-) -> Launch:
+def prepare(q: Tensor, keys: QuantizedHistory, values: QuantizedHistory, mk: Tensor, cos: Tensor, sin: Tensor,
+            mask: Tensor, group: int, *, eta: float = 0.0, key_axis: str = "channel",
+            config: KernelConfig | None = None) -> Launch:
     """Validates, allocates the scratch and the output, and lays out the three launches (no device check)."""
-    shapes = check_inputs(q, key_codes, key_scale, key_zero, key_bits, value_codes, value_scale, value_zero,
-                          value_bits, mk, cos, sin, mask, group, key_override, value_override, key_axis)
+    shapes = check_inputs(q, keys, values, mk, cos, sin, mask, group, key_axis)
     q3 = _q3(q)
     dtype = q3.dtype
     if q3.stride(-1) != 1:
@@ -470,8 +450,8 @@ def prepare(
     sin = (sin if sin.dtype == dtype else sin.to(dtype)).contiguous()
     allowed = _mask2(mask, b, span).contiguous().view(torch.uint8)
     mask_stride = allowed.stride(0) if allowed.shape[0] > 1 else 0
-    key_codes, key_scale, key_zero = map(_last_contiguous, (key_codes, key_scale, key_zero))
-    value_codes, value_scale, value_zero = map(_last_contiguous, (value_codes, value_scale, value_zero))
+    key_codes, key_scale, key_zero = map(_last_contiguous, (keys.codes, keys.scale, keys.zero))
+    value_codes, value_scale, value_zero = map(_last_contiguous, (values.codes, values.scale, values.zero))
     tiling = _resolve(config, span, c, b, hkv, q3.device)
     splits, split_len, kv_block = tiling["splits"], tiling["split_len"], tiling["kv_block"]
 
@@ -481,13 +461,13 @@ def prepare(
     sums = torch.empty(b, h, splits, **f32)
     acc = torch.empty(b, h, splits, c, **f32)
     out = torch.empty(b, h, c, dtype=dtype, device=q3.device)
-    key_ov, k_over, k_rows = _override_args(key_override, allowed, dtype)
-    value_ov, v_over, v_rows = _override_args(value_override, allowed, dtype)
+    key_ov, k_over, k_rows = _override_args(keys.override, allowed, dtype)
+    value_ov, v_over, v_rows = _override_args(values.override, allowed, dtype)
     emulate = INTERPRETED and dtype == torch.bfloat16
     # fp32 inputs: exact fp32 products (tf32 would cost ~1e-3 relative error); 16-bit inputs: tensor cores anyway.
     precision = "ieee" if dtype == torch.float32 else "tf32"
 
-    keys = Step(
+    key_scores = Step(
         _key_scores_kernel, (b * hkv // kv_block, splits),
         [q3, q3.stride(0), q3.stride(1),
          key_codes, key_scale, key_zero, key_codes.stride(0), key_codes.stride(1), key_scale.stride(0),
@@ -495,17 +475,17 @@ def prepare(
          mk, mk.stride(0), mk.stride(1), cos, sin, cos.stride(0), allowed, mask_stride, *key_ov,
          scores, m, sums, span, c, split_len, splits, 1.0 / math.sqrt(d), float(eta), key_codes.shape[-1]],
         dict(KV_HEADS=hkv, KV_BLOCK=kv_block, GROUP=group_size, ROWS=max(16, _pow2(kv_block * group_size)),
-             HALF=d // 2, KEY_BITS=key_bits, KEY_GROUP=shapes.key_group, KEY_PER_CHANNEL=key_axis == "channel",
+             HALF=d // 2, KEY_BITS=keys.bits, KEY_GROUP=shapes.key_group, KEY_PER_CHANNEL=key_axis == "channel",
              CALIBRATED=eta != 0.0, OVERRIDE=k_over, OVERRIDE_ROWS=k_rows, BLOCK_N=tiling["block_n"],
              BLOCK_C=tiling["block_c"], PRECISION=precision, EMULATE=emulate),
         dict(num_warps=tiling["num_warps"], num_stages=tiling["num_stages"]),
     )
-    values = Step(
+    value_mix = Step(
         _value_mix_kernel, (b, splits, triton.cdiv(c, tiling["block_cv"])),
         [value_codes, value_scale, value_zero, value_codes.stride(0), value_codes.stride(1), value_scale.stride(0),
          value_scale.stride(1), allowed, mask_stride, *value_ov,
          scores, m, acc, span, c, split_len, splits, float(eta), value_codes.shape[-1]],
-        dict(HEADS=h, HEADS_PAD=max(16, _pow2(h)), VALUE_BITS=value_bits, VALUE_GROUP=shapes.value_group,
+        dict(HEADS=h, HEADS_PAD=max(16, _pow2(h)), VALUE_BITS=values.bits, VALUE_GROUP=shapes.value_group,
              CALIBRATED=eta != 0.0, OVERRIDE=v_over, OVERRIDE_ROWS=v_rows, BLOCK_N=tiling["block_n"],
              BLOCK_CV=tiling["block_cv"], DTYPE=_TL_DTYPES[dtype], PRECISION=precision, EMULATE=emulate),
         dict(num_warps=4, num_stages=tiling["num_stages"]),
@@ -515,31 +495,12 @@ def prepare(
         _combine_kernel, (b * h, triton.cdiv(c, block)), [m, sums, acc, out, splits, c],
         {"SPLIT_BLOCK": min(8, max(2, _pow2(splits))), "BLOCK": block, "EMULATE": emulate}, {"num_warps": 4},
     )
-    return Launch([keys, values, combine], out)
+    return Launch([key_scores, value_mix, combine], out)
 
 
-def fused_latent_attention(
-    q: Tensor,
-    key_codes: Tensor,
-    key_scale: Tensor,
-    key_zero: Tensor,
-    key_bits: int,
-    value_codes: Tensor,
-    value_scale: Tensor,
-    value_zero: Tensor,
-    value_bits: int,
-    mk: Tensor,
-    cos: Tensor,
-    sin: Tensor,
-    mask: Tensor,
-    group: int,
-    *,
-    key_override: Override | None = None,
-    value_override: Override | None = None,
-    eta: float = 0.0,
-    key_axis: str = "channel",
-    config: KernelConfig | None = None,
-) -> Tensor:
+def fused_latent_attention(q: Tensor, keys: QuantizedHistory, values: QuantizedHistory, mk: Tensor, cos: Tensor,
+                           sin: Tensor, mask: Tensor, group: int, *, eta: float = 0.0, key_axis: str = "channel",
+                           config: KernelConfig | None = None) -> Tensor:
     """The fused Triton path of `latent_attention_reference` (same arguments, same result up to rounding).
 
     Raises ValueError when `supported()` gives a reason; allocates only the scratch (scores, per-slice partials) and
@@ -548,28 +509,10 @@ def fused_latent_attention(
     reason = supported(q, mk)
     if reason is not None:
         raise ValueError(f"fused latent attention is not available here: {reason}")
-    return prepare(q, key_codes, key_scale, key_zero, key_bits, value_codes, value_scale, value_zero, value_bits,
-                   mk, cos, sin, mask, group, key_override=key_override, value_override=value_override, eta=eta,
-                   key_axis=key_axis, config=config).run()
+    return prepare(q, keys, values, mk, cos, sin, mask, group, eta=eta, key_axis=key_axis, config=config).run()
 
 
-def fused_x_attention(
-    q: Tensor,
-    codes: Tensor,
-    scale: Tensor,
-    zero: Tensor,
-    bits: int,
-    wk_t: Tensor,
-    cos: Tensor,
-    sin: Tensor,
-    mask: Tensor,
-    group: int,
-    *,
-    override: Override | None = None,
-    eta: float = 0.0,
-    config: KernelConfig | None = None,
-) -> Tensor:
+def fused_x_attention(q: Tensor, x: QuantizedHistory, wk_t: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, group: int,
+                      *, eta: float = 0.0, config: KernelConfig | None = None) -> Tensor:
     """The fused path of `x_attention_reference` (MHA XQuant: X per token, K = RoPE(X̂·Wkᵀ), output p·X̂)."""
-    return fused_latent_attention(q, codes, scale, zero, bits, codes, scale, zero, bits, wk_t, cos, sin, mask, group,
-                                  key_override=override, value_override=override, eta=eta, key_axis="token",
-                                  config=config)
+    return fused_latent_attention(q, x, x, wk_t, cos, sin, mask, group, eta=eta, key_axis="token", config=config)

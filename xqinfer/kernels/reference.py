@@ -10,10 +10,16 @@ value projection, from the cache's raw buffers instead of from `QuantStream.read
     p  = softmax(q·Kᵀ / sqrt(D))  under the mask, the GQA group of query heads per KV head   [B, H, span]
     out = p · L̂v                                                                            [B, H, C]
 
+Each stream comes in as a `QuantizedHistory` (its codes, scales, zeros, width and residual `Override`):
+
+    keys = QuantizedHistory(key_codes, key_scale, key_zero, key_bits, Override(recent, ring, rows))
+    values = QuantizedHistory(value_codes, value_scale, value_zero, value_bits)
+    out = latent_attention_reference(q, keys, values, mk, cos, sin, mask, group)  # [B, H, C]
+
 The caller multiplies `out` by Mv per head (`out[:, h] @ Mv[:, h·D:(h+1)·D]`). The same code serves XQuant on an MHA
-model with `key_axis="token"`: key and value codes are then both the per-token X stream and `mk = Wkᵀ` (see
-`x_attention_reference`). Shapes, validation and the meaning of every argument are documented on
-`latent_attention_reference`; `xqinfer.kernels.fused_latent_attention` takes the very same arguments.
+model with `key_axis="token"`: keys and values are then both the per-token X stream and `mk = Wkᵀ` (see
+`x_attention_reference`). Shapes, validation and the meaning of every argument are documented on `QuantizedHistory`
+and `latent_attention_reference`; `xqinfer.kernels.fused_latent_attention` takes the very same arguments.
 """
 
 from __future__ import annotations
@@ -28,7 +34,15 @@ from torch import Tensor
 from .. import quant
 from ..rope import apply_rotary
 
-__all__ = ["KernelConfig", "Override", "Shapes", "check_inputs", "latent_attention_reference", "x_attention_reference"]
+__all__ = [
+    "KernelConfig",
+    "Override",
+    "QuantizedHistory",
+    "Shapes",
+    "check_inputs",
+    "latent_attention_reference",
+    "x_attention_reference",
+]
 
 
 class Override(NamedTuple):
@@ -44,6 +58,27 @@ class Override(NamedTuple):
     recent: Tensor
     exact: Tensor
     rows: Tensor | None = None
+
+
+# eq=False: a generated __eq__ would compare tensors, whose truth value is ambiguous.
+@dataclass(frozen=True, eq=False)
+class QuantizedHistory:
+    """One quantized stream as the kernels read it: slots [0, span) of a `QuantStream` and its residual window.
+
+    B batch, C latent width, G the effective group (see ``group`` on `latent_attention_reference`):
+
+    * ``codes`` [B, span, packed_size(C, bits)] uint8, as `quant.pack` lays them out (one row per token).
+    * ``scale``, ``zero``: per channel (keys with ``key_axis="channel"``) [B, span // G, C]; per token (values, and
+      keys with ``key_axis="token"``) [B, span, C // G]. fp16 as stored (any float dtype works).
+    * ``bits``: the code width, one of `quant.BITS`.
+    * ``override``: the stream's residual window (`Override`); None when every token is read from its codes.
+    """
+
+    codes: Tensor
+    scale: Tensor
+    zero: Tensor
+    bits: int
+    override: Override | None = None
 
 
 @dataclass(frozen=True)
@@ -104,31 +139,15 @@ def _mask2(mask: Tensor, batch: int, span: int) -> Tensor:
     return m
 
 
-def check_inputs(
-    q: Tensor,
-    key_codes: Tensor,
-    key_scale: Tensor,
-    key_zero: Tensor,
-    key_bits: int,
-    value_codes: Tensor,
-    value_scale: Tensor,
-    value_zero: Tensor,
-    value_bits: int,
-    mk: Tensor,
-    cos: Tensor,
-    sin: Tensor,
-    mask: Tensor,
-    group: int,
-    key_override: Override | None,
-    value_override: Override | None,
-    key_axis: str,
-) -> Shapes:
+def check_inputs(q: Tensor, keys: QuantizedHistory, values: QuantizedHistory, mk: Tensor, cos: Tensor, sin: Tensor,
+                 mask: Tensor, group: int, key_axis: str) -> Shapes:
     """Validates every shape (never the data: no host sync) and returns the problem's sizes."""
     if key_axis not in ("channel", "token"):
         raise ValueError(f"key_axis must be 'channel' (GQA key latents) or 'token' (MHA X); got {key_axis!r}")
-    for name, bits in (("key_bits", key_bits), ("value_bits", value_bits)):
-        if bits not in quant.BITS:
-            raise ValueError(f"{name} must be one of {quant.BITS}; got {bits!r}")
+    streams = (("keys", keys), ("values", values))
+    for name, history in streams:
+        if history.bits not in quant.BITS:
+            raise ValueError(f"{name}.bits must be one of {quant.BITS}; got {history.bits!r}")
     q3 = _q3(q)
     batch, heads, head_dim = q3.shape
     channels, kv_dim = mk.shape
@@ -139,14 +158,14 @@ def check_inputs(
         raise ValueError(f"{heads} query heads cannot be grouped over {kv_heads} KV heads")
     if head_dim % 2:
         raise ValueError(f"rotate-half RoPE needs an even head_dim; got {head_dim}")
-    if key_codes.dim() != 3 or key_codes.shape[0] != batch:
-        raise ValueError(f"key_codes must be [B, span, packed] with B={batch}; got {tuple(key_codes.shape)}")
-    span = key_codes.shape[1]
-    for name, codes, bits in (("key_codes", key_codes, key_bits), ("value_codes", value_codes, value_bits)):
-        expected = (batch, span, quant.packed_size(channels, bits))
-        if tuple(codes.shape) != expected or codes.dtype != torch.uint8:
-            raise ValueError(f"{name} must be uint8 {expected} (C={channels} from mk, {bits} bits); "
-                             f"got {codes.dtype} {tuple(codes.shape)}")
+    if keys.codes.dim() != 3 or keys.codes.shape[0] != batch:
+        raise ValueError(f"keys.codes must be [B, span, packed] with B={batch}; got {tuple(keys.codes.shape)}")
+    span = keys.codes.shape[1]
+    for name, history in streams:
+        expected = (batch, span, quant.packed_size(channels, history.bits))
+        if tuple(history.codes.shape) != expected or history.codes.dtype != torch.uint8:
+            raise ValueError(f"{name}.codes must be uint8 {expected} (C={channels} from mk, {history.bits} bits); "
+                             f"got {history.codes.dtype} {tuple(history.codes.shape)}")
     if key_axis == "channel":
         key_group = quant.effective_group(span, group)
         key_params = (batch, span // key_group, channels)
@@ -155,18 +174,20 @@ def check_inputs(
         key_params = (batch, span, channels // key_group)
     value_group = quant.effective_group(channels, group)
     value_params = (batch, span, channels // value_group)
-    for name, t, expected in (("key_scale", key_scale, key_params), ("key_zero", key_zero, key_params),
-                              ("value_scale", value_scale, value_params), ("value_zero", value_zero, value_params)):
-        if tuple(t.shape) != expected:
-            raise ValueError(f"{name} must be {expected} (group={group}, key_axis={key_axis!r}); "
-                             f"got {tuple(t.shape)}")
+    for name, history, expected in (("keys", keys, key_params), ("values", values, value_params)):
+        for field, t in (("scale", history.scale), ("zero", history.zero)):
+            if tuple(t.shape) != expected:
+                raise ValueError(f"{name}.{field} must be {expected} (group={group}, key_axis={key_axis!r}); "
+                                 f"got {tuple(t.shape)}")
     for name, t in (("cos", cos), ("sin", sin)):
         if tuple(t.shape) != (span, head_dim):
             raise ValueError(f"{name} must be [span, head_dim] = {(span, head_dim)}; got {tuple(t.shape)}")
     _mask2(mask, batch, span)
-    for name, o in (("key_override", key_override), ("value_override", value_override)):
+    for stream, history in streams:
+        o = history.override
         if o is None:
             continue
+        name = f"{stream}.override"
         if tuple(o.recent.shape) != (span,) or o.recent.dtype != torch.bool:
             raise ValueError(f"{name}.recent must be bool [span={span}]; got {o.recent.dtype} {tuple(o.recent.shape)}")
         if o.exact.dim() != 3 or o.exact.shape[0] != batch or o.exact.shape[2] != channels:
@@ -178,17 +199,15 @@ def check_inputs(
     return Shapes(batch, heads, kv_heads, head_dim, span, channels, key_group, value_group, key_axis)
 
 
-def _dequantize(codes: Tensor, scale: Tensor, zero: Tensor, bits: int, group: int, axis: str, channels: int,
-                dtype: torch.dtype, eta: float) -> Tensor:
-    """Codes -> [B, span, C] in `dtype`, exactly as `QuantStream.read` does it."""
-    unpacked = quant.unpack(codes, bits, channels)
+def _read(history: QuantizedHistory, group: int, axis: str, channels: int, dtype: torch.dtype, eta: float) -> Tensor:
+    """The stream as [B, span, C] in `dtype`, exactly as `QuantStream.read` reads it (recent tokens from `exact`)."""
+    unpacked = quant.unpack(history.codes, history.bits, channels)
     dim = quant.group_dim(axis)
     grouped = quant.to_groups(unpacked, group, axis)
-    values = quant.dequantize_codes(grouped, scale.unsqueeze(dim), zero.unsqueeze(dim), bits, dtype, eta=eta)
-    return quant.from_groups(values, axis)
-
-
-def _apply_override(values: Tensor, override: Override | None) -> Tensor:
+    values = quant.dequantize_codes(grouped, history.scale.unsqueeze(dim), history.zero.unsqueeze(dim), history.bits,
+                                    dtype, eta=eta)
+    values = quant.from_groups(values, axis)
+    override = history.override
     if override is None:
         return values
     exact = override.exact
@@ -197,45 +216,23 @@ def _apply_override(values: Tensor, override: Override | None) -> Tensor:
     return torch.where(override.recent[:, None], exact.to(values.dtype), values)
 
 
-def latent_attention_reference(
-    q: Tensor,
-    key_codes: Tensor,
-    key_scale: Tensor,
-    key_zero: Tensor,
-    key_bits: int,
-    value_codes: Tensor,
-    value_scale: Tensor,
-    value_zero: Tensor,
-    value_bits: int,
-    mk: Tensor,
-    cos: Tensor,
-    sin: Tensor,
-    mask: Tensor,
-    group: int,
-    *,
-    key_override: Override | None = None,
-    value_override: Override | None = None,
-    eta: float = 0.0,
-    key_axis: str = "channel",
-    config: KernelConfig | None = None,
-) -> Tensor:
+def latent_attention_reference(q: Tensor, keys: QuantizedHistory, values: QuantizedHistory, mk: Tensor, cos: Tensor,
+                               sin: Tensor, mask: Tensor, group: int, *, eta: float = 0.0, key_axis: str = "channel",
+                               config: KernelConfig | None = None) -> Tensor:
     """Attention of one decode token over quantized latents, absorbed: returns ``p · L̂v`` [B, H, C] in q's dtype.
 
     Arguments (B batch, H query heads, Hkv KV heads, D head_dim, C latent width, G = ``group``):
 
     * ``q`` [B, H, D] or [B, H, 1, D]: the rotated query of the step (model dtype: bf16, fp16 or fp32).
-    * ``key_codes`` [B, span, packed_size(C, key_bits)] uint8, as `quant.pack` lays them out (one row per token).
-    * ``key_scale``, ``key_zero``: per channel (``key_axis="channel"``) [B, span // G, C]; per token
-      (``key_axis="token"``) [B, span, C // G]. fp16 as stored (any float dtype works).
-    * ``value_codes`` [B, span, packed_size(C, value_bits)] uint8; ``value_scale``, ``value_zero`` [B, span, C // G]
-      (per token).
+    * ``keys``: the key latents (`QuantizedHistory`), scales and zeros per channel (``key_axis="channel"``) or per
+      token (``key_axis="token"``), and their residual window.
+    * ``values``: the value latents (`QuantizedHistory`), scales and zeros per token, and their residual window.
     * ``mk`` [C, Hkv·D]: the key rebuild, ``K = L̂k · mk`` (``Mk`` for GQA latents, ``Wkᵀ`` for MHA X).
     * ``cos``, ``sin`` [span, D]: rotate-half RoPE tables at the tokens' positions (``step.stored_rope``).
     * ``mask`` bool [span], [1, span] or [B, span]: True where token ``j`` is attended (``step.mask`` of a
       decode step). Masked slots may hold anything, even codes whose scale is inf or NaN.
     * ``group``: the spec's group size; the effective group follows `quant.effective_group` (``min(G, span)``
       tokens per channel group, ``min(G, C)`` channels per token group). ``span`` must be a multiple of it.
-    * ``key_override`` / ``value_override``: the residual windows of the two streams (`Override`).
     * ``eta``: XQuant-KV's calibration of the dequantization (`quant.calibrated_params`).
     * ``config``: tiling of the fused kernel; ignored here.
 
@@ -245,49 +242,31 @@ def latent_attention_reference(
     ``0 · inf``), and a row with no allowed token returns zeros instead of NaN.
     """
     del config
-    shapes = check_inputs(q, key_codes, key_scale, key_zero, key_bits, value_codes, value_scale, value_zero,
-                          value_bits, mk, cos, sin, mask, group, key_override, value_override, key_axis)
+    shapes = check_inputs(q, keys, values, mk, cos, sin, mask, group, key_axis)
     q3 = _q3(q)
     dtype = q3.dtype
     b, h, hkv, d, span, c = (shapes.batch, shapes.heads, shapes.kv_heads, shapes.head_dim, shapes.span,
                              shapes.channels)
-    keys = _dequantize(key_codes, key_scale, key_zero, key_bits, shapes.key_group, key_axis, c, dtype, eta)
-    keys = _apply_override(keys, key_override)
-    values = _dequantize(value_codes, value_scale, value_zero, value_bits, shapes.value_group, "token", c, dtype, eta)
-    values = _apply_override(values, value_override)
+    key_latents = _read(keys, shapes.key_group, key_axis, c, dtype, eta)
+    value_latents = _read(values, shapes.value_group, "token", c, dtype, eta)
     allowed = _mask2(mask, b, span)  # [B or 1, span]
 
-    k = (keys @ mk.to(dtype)).view(b, span, hkv, d).transpose(1, 2)  # [B, Hkv, span, D]
+    k = (key_latents @ mk.to(dtype)).view(b, span, hkv, d).transpose(1, 2)  # [B, Hkv, span, D]
     k = apply_rotary(k, cos.to(dtype), sin.to(dtype))
     scores = q3.reshape(b, hkv, h // hkv, d) @ k.transpose(-1, -2) / math.sqrt(d)  # [B, Hkv, group, span]
     scores = scores.masked_fill(~allowed[:, None, None, :], float("-inf"))
     weights = torch.softmax(scores.float(), dim=-1)
     weights = torch.nan_to_num(weights, nan=0.0).to(dtype)  # a row with nothing allowed: 0/0 -> zeros
-    values = values.masked_fill(~allowed[:, :, None], 0.0)
-    out = weights @ values.unsqueeze(1)  # [B, Hkv, group, C]
+    value_latents = value_latents.masked_fill(~allowed[:, :, None], 0.0)
+    out = weights @ value_latents.unsqueeze(1)  # [B, Hkv, group, C]
     return out.reshape(b, h, c)
 
 
-def x_attention_reference(
-    q: Tensor,
-    codes: Tensor,
-    scale: Tensor,
-    zero: Tensor,
-    bits: int,
-    wk_t: Tensor,
-    cos: Tensor,
-    sin: Tensor,
-    mask: Tensor,
-    group: int,
-    *,
-    override: Override | None = None,
-    eta: float = 0.0,
-    config: KernelConfig | None = None,
-) -> Tensor:
+def x_attention_reference(q: Tensor, x: QuantizedHistory, wk_t: Tensor, cos: Tensor, sin: Tensor, mask: Tensor,
+                          group: int, *, eta: float = 0.0, config: KernelConfig | None = None) -> Tensor:
     """XQuant on an MHA model: the cache holds X per token; ``K = RoPE(X̂ · Wkᵀ)``, output ``p · X̂`` [B, H, d].
 
-    ``wk_t`` [d, H·D] is ``k_proj.weight.T`` (a view is fine). The caller applies ``Wvᵀ`` per head afterwards.
+    ``x`` is the X stream (scales and zeros per token, its residual window as the override); ``wk_t`` [d, H·D] is
+    ``k_proj.weight.T`` (a view is fine). The caller applies ``Wvᵀ`` per head afterwards.
     """
-    return latent_attention_reference(q, codes, scale, zero, bits, codes, scale, zero, bits, wk_t, cos, sin, mask,
-                                      group, key_override=override, value_override=override, eta=eta,
-                                      key_axis="token", config=config)
+    return latent_attention_reference(q, x, x, wk_t, cos, sin, mask, group, eta=eta, key_axis="token", config=config)

@@ -15,11 +15,12 @@ The decision depends on the step's shape and the layer's configuration, never on
 contains one path or the other. The token must be written before `*_decode` reads the buffers (a decode step writes
 first and reads its own token back, `Step.read_around_write`); the glue itself never writes.
 
-What it passes (see `reference.latent_attention_reference` for the arguments): slots [0, span) of the stream's
-codes, scales and zeros (views, no copy); the stream's residual ring itself as the `Override`, with
-`recent = position >= QuantStream._full_precision_from(stored_length)` over the step's `stored_positions` (exactly
-`QuantStream.read`'s rule) and ring rows `position % ring_size`; RoPE tables `step.stored_rope`; `step.mask` [1,
-span]. It then applies Mv (GQA) or Wvᵀ (MHA) per head to the absorbed output, as `attend_values` does.
+What it passes (see `reference.latent_attention_reference` for the arguments): one `QuantizedHistory` per stream
+(`stream_inputs`) holding slots [0, span) of the stream's codes, scales and zeros (views, no copy) and the stream's
+residual ring itself as the `Override`, with `recent = position >= QuantStream._full_precision_from(stored_length)`
+over the step's `stored_positions` (exactly `QuantStream.read`'s rule) and ring rows `position % ring_size`; RoPE
+tables `step.stored_rope`; `step.mask` [1, span]. It then applies Mv (GQA) or Wvᵀ (MHA) per head to the absorbed
+output, as `attend_values` does.
 """
 
 from __future__ import annotations
@@ -27,13 +28,13 @@ from __future__ import annotations
 from torch import Tensor
 
 from . import fused_latent_attention, fused_supported, fused_x_attention
-from .reference import KernelConfig, Override
+from .reference import KernelConfig, Override, QuantizedHistory
 
 __all__ = ["gqa_decode", "gqa_fusable", "mha_decode", "mha_fusable", "stream_inputs"]
 
 
-def stream_inputs(stream, step) -> tuple[Tensor, Tensor, Tensor, Override | None]:
-    """(codes, scale, zero, override) of a `QuantStream` for slots [0, step.span), as `QuantStream.read` reads them."""
+def stream_inputs(stream, step) -> QuantizedHistory:
+    """Slots [0, step.span) of a `QuantStream` and its residual ring, as `QuantStream.read` reads them."""
     span = step.span
     params = span if stream.axis == "token" else span // stream.group
     override = None
@@ -41,7 +42,8 @@ def stream_inputs(stream, step) -> tuple[Tensor, Tensor, Tensor, Override | None
         positions = step.stored_positions
         recent = (positions >= stream._full_precision_from(step.stored_length)) & (positions >= 0)
         override = Override(recent, stream.ring, positions.clamp(min=0) % stream.ring_size)
-    return stream.codes[..., :span, :], stream.scale[..., :params, :], stream.zero[..., :params, :], override
+    return QuantizedHistory(stream.codes[..., :span, :], stream.scale[..., :params, :], stream.zero[..., :params, :],
+                            stream.bits, override)
 
 
 def _stream_reason(stream) -> str | None:
@@ -81,15 +83,10 @@ def gqa_fusable(layer, q: Tensor, step, *, interpreter: bool = False) -> str | N
 def gqa_decode(layer, q: Tensor, step, config: KernelConfig | None = None) -> Tensor:
     """Attention output [B, H, 1, D] of an `XQuantGQALayer` decode step whose token is already written."""
     options = layer.parent.spec.options
-    keys, values = layer.key_latents, layer.value_latents
-    key_codes, key_scale, key_zero, key_override = stream_inputs(keys, step)
-    value_codes, value_scale, value_zero, value_override = stream_inputs(values, step)
+    keys, values = stream_inputs(layer.key_latents, step), stream_inputs(layer.value_latents, step)
     cos, sin = step.stored_rope
-    mixed = fused_latent_attention(
-        q, key_codes, key_scale, key_zero, keys.bits, value_codes, value_scale, value_zero, values.bits, layer.mk,
-        cos, sin, step.mask, options["group"], key_override=key_override, value_override=value_override,
-        eta=options["eta"], config=config,
-    )  # [B, H, C]
+    mixed = fused_latent_attention(q, keys, values, layer.mk, cos, sin, step.mask, options["group"],
+                                   eta=options["eta"], config=config)  # [B, H, C]
     batch, heads, _, head_dim = q.shape
     width, kv_dim = layer.mv.shape
     kv_heads = kv_dim // head_dim
@@ -106,10 +103,9 @@ def mha_fusable(layer, q: Tensor, step, *, interpreter: bool = False) -> str | N
 def mha_decode(layer, q: Tensor, step, config: KernelConfig | None = None) -> Tensor:
     """Attention output [B, H, 1, D] of an `XQuantMHALayer` decode step whose token is already written."""
     options = layer.parent.spec.options
-    codes, scale, zero, override = stream_inputs(layer.x, step)
     cos, sin = step.stored_rope
-    mixed = fused_x_attention(q, codes, scale, zero, layer.x.bits, layer.wk.T, cos, sin, step.mask,
-                              options["group"], override=override, eta=options["eta"], config=config)  # [B, H, d]
+    mixed = fused_x_attention(q, stream_inputs(layer.x, step), layer.wk.T, cos, sin, step.mask, options["group"],
+                              eta=options["eta"], config=config)  # [B, H, d]
     batch, heads, _, head_dim = q.shape
     hidden = mixed.shape[-1]
     per_head = layer.wv.T.view(hidden, heads, head_dim).transpose(0, 1)  # [H, d, D], a view as in attend_values
