@@ -28,6 +28,7 @@ from xqinfer.plan import (
     workspace_bytes,
 )
 from xqinfer.presets import preset_config
+from xqinfer.roofline import Peaks, decode_floor
 
 MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
 ESCAPES = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
@@ -248,7 +249,9 @@ def assert_one_line_error(code: int, out: str, err: str, *needles: str) -> None:
 
 ROW_FIELDS = {"method": str, "normalized_size": float, "bytes_per_token": float, "equivalent_bits": (float, type(None)),
               "cache_bytes_at_context": int, "weights_bytes": int, "workspace_bytes": int, "fits_at_context": bool,
-              "max_context_batch_1": int, "max_batch_at_context": int}
+              "max_context_batch_1": int, "max_batch_at_context": int,
+              # without --bandwidth/--matmul (test_plan_decode_floors has them)
+              "decode_floor_tokens_per_s": type(None), "decode_floor_bound": type(None)}
 
 
 @pytest.mark.parametrize("args,needles", [
@@ -259,6 +262,8 @@ ROW_FIELDS = {"method": str, "normalized_size": float, "bytes_per_token": float,
     (["--memory", "80GB", "--preset", "nope"], ["nope"]),
     (["--memory", "80GB", "--dtype", "fp8"], ["fp8"]),
     (["--context", "32k"], ["--memory"]),
+    (["--memory", "80GB", "--bandwidth", "4300"], ["--bandwidth", "--matmul"]),
+    (["--memory", "80GB", "--matmul", "790"], ["--bandwidth", "--matmul"]),
 ])
 def test_plan_refuses_bad_input_in_one_line(args, needles, monkeypatch, capsys, tmp_path):
     code, out, err = run_cli(monkeypatch, capsys, "plan", *args, "--json", tmp_path / "plan.json")
@@ -268,7 +273,8 @@ def test_plan_refuses_bad_input_in_one_line(args, needles, monkeypatch, capsys, 
 
 def check_plan_json(path: Path, model: str, config, memory: int, context: int) -> dict:
     data = json.loads(path.read_text(encoding="utf-8"))
-    assert set(data) == {"model", "memory_bytes", "context", "batch", "dtype", "methods"}
+    assert set(data) == {"model", "memory_bytes", "context", "batch", "dtype", "peaks", "methods"}
+    assert data["peaks"] is None
     assert data["model"] == model
     assert type(data["memory_bytes"]) is int and data["memory_bytes"] == memory
     assert type(data["context"]) is int and data["context"] == context
@@ -294,6 +300,24 @@ def test_plan_json_schema(monkeypatch, capsys, tmp_path):
     assert "llama-3.1-8b" in out and "context 32768" in out and "max context (b=1)" in out
     for method in DEFAULT_METHODS:
         assert parse_spec(method).label() in out
+
+
+def test_plan_decode_floors_from_the_device_rates(monkeypatch, capsys, tmp_path):
+    path = tmp_path / "plan.json"
+    code, out, err = run_cli(monkeypatch, capsys, "plan", "--memory", "141GB", "--context", "32k", "--bandwidth",
+                             "4300", "--matmul", "790", "--cache", "fp16", "--cache", "xquant-cl", "--json", path)
+    assert code == 0, err
+    data = json.loads(path.read_text(encoding="utf-8"))
+    peaks = Peaks(4300e9, 790e12, "bfloat16")
+    assert data["peaks"] == peaks.as_dict()
+    config = preset_config("llama-3.1-8b")
+    for row, method in zip(data["methods"], ("fp16", "xquant-cl")):
+        floor = decode_floor(config, parse_spec(method), 32768, 1, torch.bfloat16, peaks)
+        assert row["decode_floor_tokens_per_s"] == pytest.approx(1 / floor.seconds)
+        assert row["decode_floor_bound"] == floor.bound
+    # What the accounting says of llama-3.1-8b at 32k: fp16 streams weights and cache, XQuant-CL's GQA rebuild binds.
+    assert [row["decode_floor_bound"] for row in data["methods"]] == ["memory", "compute"]
+    assert "decode floor t/s" in out
 
 
 @pytest.mark.parametrize("extras", [False, True], ids=["config-only", "with-unreadable-weights"])

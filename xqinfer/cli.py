@@ -286,6 +286,10 @@ def plan(
     batch: int = typer.Option(1, "--batch", "-b", min=1, help="Sequences held together."),
     dtype: str = typer.Option("bf16", "--dtype", help="Dtype of weights and residual windows."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the plan as JSON to this file."),
+    bandwidth: Optional[float] = typer.Option(
+        None, "--bandwidth", min=0.001, help="Device copy bandwidth in GB/s (with --matmul: decode floors)."),
+    matmul: Optional[float] = typer.Option(
+        None, "--matmul", min=0.001, help="Device matmul rate in TFLOP/s in --dtype (with --bandwidth)."),
     preset: Optional[str] = PresetOpt,
 ) -> None:
     """How much each cache method stores per token, and the largest context and batch that fit in memory."""
@@ -296,18 +300,24 @@ def plan(
     from .plan import parse_memory
     from .plan import plan as make_plan
     from .presets import preset_config
+    from .roofline import Peaks
 
     if model is not None and preset is not None:
         raise XQInferError("give --model or --preset, not both")
     config = ModelConfig.from_file(resolve(model) / "config.json") if model else preset_config(preset or "llama-3.1-8b")
     name = model or preset or "llama-3.1-8b"
     budget, tokens = parse_memory(memory), parse_context(context)
+    if (bandwidth is None) != (matmul is None):
+        raise XQInferError("decode floors need both --bandwidth (GB/s) and --matmul (TFLOP/s)")
+    rates_dtype = str(torch_dtype(dtype)).removeprefix("torch.")
+    peaks = Peaks(bandwidth * 1e9, matmul * 1e12, rates_dtype) if bandwidth is not None else None
     rows = make_plan(config, caches or DEFAULT_METHODS, memory=budget, context=tokens, batch=batch,
-                     dtype=torch_dtype(dtype))
+                     dtype=torch_dtype(dtype), peaks=peaks)
     print_table(plan_table(rows, name, budget, tokens, batch))
     if json_path is not None:
         write_json(json_path, {"model": name, "memory_bytes": budget, "context": tokens, "batch": batch,
-                               "dtype": dtype, "methods": [r.as_dict() for r in rows]})
+                               "dtype": dtype, "peaks": peaks.as_dict() if peaks else None,
+                               "methods": [r.as_dict() for r in rows]})
 
 
 def print_table(table) -> None:

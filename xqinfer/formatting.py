@@ -85,13 +85,18 @@ def bench_table(results, env: dict) -> Table:
 def plan_table(rows, model: str, memory: int, context: int, batch: int) -> Table:
     table = Table(title=f"{model} | budget {human_bytes(memory)} | context {context} | batch {batch}",
                   title_justify="left")
-    for header in ("method", "normalized", "equiv. bits", "B/token", f"cache @ {context}", "weights", "workspace",
-                   "fits", "max context (b=1)", f"max batch @ {context}"):
+    floors = any(r.decode_floor_tokens_per_s is not None for r in rows)
+    headers = ["method", "normalized", "equiv. bits", "B/token", f"cache @ {context}", "weights", "workspace",
+               "fits", "max context (b=1)", f"max batch @ {context}"]
+    headers += ["decode floor t/s"] if floors else []
+    for header in headers:
         table.add_column(header, justify="left" if header == "method" else "right", no_wrap=True)
     for r in rows:
         bits = "-" if r.equivalent_bits is None else f"{r.equivalent_bits:g}"
-        table.add_row(label(r.method), f"{r.normalized_size:.4f}", bits, f"{r.bytes_per_token:.0f}",
-                      human_bytes(r.cache_bytes_at_context), human_bytes(r.weights_bytes),
-                      human_bytes(r.workspace_bytes), "yes" if r.fits_at_context else "no",
-                      str(r.max_context_batch_1), str(r.max_batch_at_context))
+        cells = [label(r.method), f"{r.normalized_size:.4f}", bits, f"{r.bytes_per_token:.0f}",
+                 human_bytes(r.cache_bytes_at_context), human_bytes(r.weights_bytes),
+                 human_bytes(r.workspace_bytes), "yes" if r.fits_at_context else "no",
+                 str(r.max_context_batch_1), str(r.max_batch_at_context)]
+        cells += [f"{r.decode_floor_tokens_per_s:.1f} ({r.decode_floor_bound})"] if floors else []
+        table.add_row(*cells)
     return table

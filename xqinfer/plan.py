@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
@@ -12,6 +12,9 @@ from .cache import CacheSpec, parse_spec
 from .cache.base import layer_bits, normalized_size
 from .config import ModelConfig
 from .errors import XQInferError
+
+if TYPE_CHECKING:
+    from .roofline import Peaks
 
 UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -44,6 +47,9 @@ class PlanRow:
     fits_at_context: bool
     max_context_batch_1: int
     max_batch_at_context: int
+    # Given a device's rates (`--bandwidth`, `--matmul`): the decode floor at the context and batch (roofline.py).
+    decode_floor_tokens_per_s: float | None = None
+    decode_floor_bound: str | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -96,8 +102,12 @@ def plan(
     context: int,
     batch: int = 1,
     dtype: torch.dtype = torch.bfloat16,
+    peaks: Peaks | None = None,
 ) -> list[PlanRow]:
-    """For each method: its size, whether `batch` sequences of `context` fit in `memory`, and the largest that do."""
+    """For each method: its size, whether `batch` sequences of `context` fit in `memory`, and the largest that do;
+    with a device's `peaks`, also the fastest a decode step could run there."""
+    from .roofline import decode_floor  # roofline builds on this module's accounting
+
     weights = config.num_parameters * torch.finfo(dtype).bits // 8
     rows = []
     for method in methods:
@@ -111,6 +121,7 @@ def plan(
                                config.max_position_embeddings)
         max_batch = _largest(lambda b: b * per_sequence + workspace_bytes(config, context, b, dtype) <= free, 1 << 20)
         reachable = context <= config.max_position_embeddings
+        floor = decode_floor(config, spec, context, batch, dtype, peaks) if peaks is not None else None
         rows.append(PlanRow(
             method=str(spec),
             normalized_size=normalized_size(spec, config, dtype),
@@ -122,6 +133,8 @@ def plan(
             fits_at_context=reachable and weights + batch * per_sequence + workspace <= memory,
             max_context_batch_1=max_context,
             max_batch_at_context=max_batch if reachable else 0,
+            decode_floor_tokens_per_s=batch / floor.seconds if floor else None,
+            decode_floor_bound=floor.bound if floor else None,
         ))
     return rows
 
