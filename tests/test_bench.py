@@ -429,3 +429,13 @@ def test_bench_without_a_model_picks_llama_tiny_on_cpu(monkeypatch, capsys, tmp_
     assert "no --model or --preset" in err and "llama-tiny" in err.splitlines()[0], err
     assert json.loads(path.read_text(encoding="utf-8"))["model"] == "llama-tiny"
     assert "llama-tiny" in out  # the table's title
+
+
+@pytest.mark.parametrize("text,label", [("fp16", "fp16"), ("kivi:bits=2", "kivi"),
+                                        ("kivi:bits=4,prerope=1", "kivi:bits=4,prerope=1"),
+                                        ("xquant:bits=2,fused=0", "xquant:bits=2,fused=0"), ("xquant-kv", "xquant-kv")])
+def test_tables_name_a_method_by_what_differs_from_its_defaults(text, label):
+    spec = parse_spec(text)
+    assert spec.label() == label
+    # Read back from its full written form (as a table reads the JSON's method), the label is the same.
+    assert parse_spec(str(spec)).label() == label

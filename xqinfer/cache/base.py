@@ -71,15 +71,22 @@ class CacheSpec:
         return self._written({k: v for k, v in self.options.items() if v is not None})
 
     def label(self) -> str:
-        """Only the options that differ from the method's defaults (`xquant:bits=2`): the short name tables show."""
+        """Only the options that differ from the method's defaults (`xquant:bits=2`): the short name tables show.
+
+        Compared as written, so a default like 1/6 read back from its printed form still counts as the default.
+        """
         defaults = REGISTRY[self.method].OPTIONS
-        return self._written({k: v for k, v in self.options.items() if v is not None and v != defaults[k].default})
+        return self._written({k: v for k, v in self.options.items()
+                              if v is not None and _value(v) != _value(defaults[k].default)})
 
     def _written(self, options: dict[str, Any]) -> str:
         if not options:
             return self.method
-        return self.method + ":" + ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
-                                            for k, v in options.items())
+        return self.method + ":" + ",".join(f"{k}={_value(v)}" for k, v in options.items())
+
+
+def _value(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 REGISTRY: dict[str, type["Cache"]] = {}
