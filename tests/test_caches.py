@@ -330,6 +330,35 @@ def test_stream_chunk_spanning_several_groups_equals_batch():
     _check_stream(stream, x, 15, 2, g, "channel", 0)
 
 
+@pytest.mark.parametrize("chunking", ["single", "uneven"])
+def test_streams_sharing_a_steps_index_work_store_and_read_what_unshared_ones_do(chunking):
+    """`shared` only saves work: two layers' K (per channel) and V (per token) streams keeping one dict per step hold
+    and read exactly what the same streams without it do."""
+    lead, channels, length, capacity = (2, 3), 16, 100, 128
+    x = _stream_data(lead, length, channels, torch.float32, seed=5)
+
+    def layers() -> list[QuantStream]:
+        return [QuantStream(lead, capacity, channels, 2, 8, axis, 16, torch.float32, torch.device("cpu"))
+                for axis in ("channel", "token", "channel", "token")]
+
+    sharing, alone = layers(), layers()
+    slot_positions = torch.full((capacity,), EMPTY_SLOT, dtype=torch.long)
+    n = 0
+    for size in _chunks(chunking, length):
+        positions = torch.arange(n, n + size)
+        slot_positions[positions] = positions
+        shared: dict = {}
+        for k, (a, b) in enumerate(zip(sharing, alone)):
+            y = x[..., n : n + size, :] * (k + 1)
+            a.write(y, positions, shared)
+            b.write(y, positions)
+        n += size
+        for a, b in zip(sharing, alone):
+            assert torch.equal(a.read(torch.tensor(n), slot_positions, shared), b.read(torch.tensor(n), slot_positions))
+    for a, b in zip(sharing, alone):
+        assert all(torch.equal(t, u) for t, u in zip(a.tensors(), b.tensors()))
+
+
 # ------------------------------------------------------------------------------------------- 3. static buffers
 
 STATIC_CASES = [

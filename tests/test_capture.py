@@ -128,6 +128,38 @@ def test_every_step_of_a_bucket_replays_the_first_steps_operations(shape, spec, 
         token = logits.argmax(dim=-1)
 
 
+# Ops a method adds to one decode step, per layer, over what the fp16 cache's step issues (every op the recorder sees,
+# views included). On a GPU nearly every one is a kernel launch of its own at every token, even replayed from a CUDA
+# graph (~1-2 us each), so at 32 layers each 10 ops per layer cost about 0.5 ms per token: as much as streaming a
+# few GB of weights. The bounds keep each method near what its quantized write and read need; before they were set
+# the steps issued about twice as many (kivi 200 per layer, xquant 222 on GQA, xquant-cl 110). Counts are exact, so
+# a bound that fails means new ops in the step, not noise.
+OPS_PER_LAYER = [
+    ("mha", "kivi", 110),
+    ("gqa", "kivi:prerope=1", 120),
+    ("gqa", "asymkv", 110),
+    ("gqa", "xquant-kv", 110),
+    ("mha", "xquant", 78),
+    ("gqa", "xquant", 150),
+    ("gqa", "xquant:outlier=1,absorb=0", 152),
+    ("mha", "xquant-cl", 76),
+    ("gqa", "xquant-cl", 79),
+]
+
+
+@pytest.mark.parametrize("shape,spec,bound", OPS_PER_LAYER, ids=[f"{c[0]}-{c[1]}" for c in OPS_PER_LAYER])
+@torch.inference_mode()
+def test_decode_step_ops_per_layer_stay_bounded(shape, spec, bound):
+    model = tiny_model(shape)
+    counts = {}
+    for method in ("fp16", spec):
+        engine = Engine(model, method, capacity=512)
+        token = engine.prefill(random_prompt(100, seed=5)).argmax(dim=-1)
+        counts[method] = len(recorded_decode(engine, token)[1])
+    per_layer = (counts[spec] - counts["fp16"]) / model.config.num_layers
+    assert per_layer <= bound, f"{spec} adds {per_layer:.1f} ops per layer to a decode step (bound {bound})"
+
+
 def test_the_recorder_sees_a_changed_scalar_and_a_swapped_state_tensor():
     # The check above is only as good as its recorder: a position passed as a Python int must show up, and so must
     # state that a step reads from a tensor replaced between steps (a graph would keep reading the old one).

@@ -10,6 +10,7 @@ import torch
 from xqinfer import quant
 from xqinfer.quant import (
     BITS,
+    BitPacker,
     Quantized,
     dequantize,
     dequantize_codes,
@@ -196,6 +197,27 @@ def test_pack_layout_is_lsb_first() -> None:
 def test_unpack_rejects_wrong_width() -> None:
     with pytest.raises(ValueError, match="bytes"):
         unpack(torch.zeros(4, dtype=torch.uint8), 3, 8)
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_a_packer_made_once_packs_like_the_module_functions(bits: int) -> None:
+    # A cache's BitPacker is reused by every step; in_range only drops the masking of codes already in range.
+    packer = BitPacker(bits)
+    g = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 1 << bits, (3, 21), generator=g, dtype=torch.uint8)
+    wild = torch.randint(-300, 300, (3, 21), generator=g)
+    for _ in range(2):
+        assert torch.equal(packer.pack(codes), pack(codes, bits))
+        assert torch.equal(packer.pack(codes, in_range=True), pack(codes, bits))
+        assert torch.equal(packer.pack(wild), pack(wild, bits))
+        assert torch.equal(packer.unpack(pack(codes, bits), 21), codes)
+    x = _data((4, 64), seed=bits)
+    for quantize in QUANTIZE.values():
+        q = quantize(x, bits, 16, packer=packer)
+        assert torch.equal(q.codes, quantize(x, bits, 16).codes)
+        assert torch.equal(dequantize(q, packer=packer), dequantize(q))
+    with pytest.raises(ValueError, match="packer"):
+        quantize_per_token(x, 2 if bits != 2 else 4, 16, packer=packer)
 
 
 # ----------------------------------------------------------------------------------------------- streaming

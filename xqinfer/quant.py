@@ -33,10 +33,17 @@ so nothing becomes inf or NaN.
 
 All functions are vectorized torch with static shapes: no ``.item()``, no host sync, no data-dependent shapes, so
 they can run inside a captured CUDA graph. The math is done in float32 whatever the input dtype.
+
+A cache runs this code for every layer of every decode step, where each torch op is a kernel launch (or, on a CPU,
+a dispatch) that costs as much as the arithmetic on a few tokens. So the code issues as few ops as the math allows,
+never at the price of a different result: no no-op casts, and stored fp16/bf16 scales and zeros enter float32
+arithmetic as they are (a mixed-dtype op widens them exactly, which is what a separate ``.float()`` would do).
+Packing takes its shift vectors from a :class:`BitPacker` that a cache makes once.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Literal
 
@@ -62,6 +69,7 @@ __all__ = [
     "packed_size",
     "pack",
     "unpack",
+    "BitPacker",
 ]
 
 BITS: tuple[int, ...] = (1, 2, 3, 4, 8)
@@ -147,6 +155,27 @@ def from_groups(xg: Tensor, axis: Axis) -> Tensor:
 # --------------------------------------------------------------------------------------------- core math
 
 
+def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t.to(dtype)`` without the call when ``t`` already has that dtype (the no-op call is still a dispatched op)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _float32_operand(t: Tensor) -> Tensor:
+    """``t`` ready to meet a float32 tensor in one op: as it is when the op's type promotion widens it to float32
+    exactly as ``t.float()`` would (integer codes, fp16, bf16), else cast (float64 would promote the op instead).
+
+    Only for an operand whose partner is float32: two fp16 tensors would compute in fp16.
+    """
+    return t if not t.is_floating_point() or torch.finfo(t.dtype).bits <= 32 else t.float()
+
+
+@functools.lru_cache(maxsize=None)
+def _infinity(direction: float, dtype: torch.dtype) -> Tensor:
+    """±inf as a 0-dim CPU tensor, the target of ``nextafter``: broadcast on any device without a fill of its own."""
+    with torch.inference_mode(False):  # a plain tensor, usable outside inference mode too
+        return torch.tensor(direction, dtype=dtype)
+
+
 def _round_stored(value: Tensor, dtype: torch.dtype, direction: float) -> Tensor:
     """Cast float32 ``value`` to ``dtype``, rounding toward ``direction`` (+inf: up, -inf: down) instead of nearest.
 
@@ -154,10 +183,11 @@ def _round_stored(value: Tensor, dtype: torch.dtype, direction: float) -> Tensor
     """
     fmax = torch.finfo(dtype).max
     value = value.clamp(-fmax, fmax)
+    if dtype == torch.float32:
+        return value  # float32 storage is exact: there is no side to be wrong on
     stored = value.to(dtype)
-    back = stored.float()
-    wrong_side = back < value if direction > 0 else back > value
-    stepped = torch.nextafter(stored, torch.full_like(stored, direction))
+    wrong_side = stored < value if direction > 0 else stored > value
+    stepped = torch.nextafter(stored, _infinity(direction, dtype))
     # nextafter cannot leave the finite range here: a value at ±max is representable, so it is never stepped.
     return torch.where(wrong_side, stepped, stored)
 
@@ -171,12 +201,13 @@ def minmax_params(
     and the scale ``(max - zero) / (2^b - 1)`` rounded up to ``scale_dtype`` (see the module docstring for why).
     """
     _check_bits(bits)
-    xf = xg.float()
+    xf = _cast(xg, torch.float32)
+    # Not torch.aminmax: it picks a different one of -0.0 and +0.0 than amin/amax do, so it changes stored zeros.
     lo = xf.amin(dim=dim, keepdim=True)
     hi = xf.amax(dim=dim, keepdim=True)
     zero = _round_stored(lo, scale_dtype, float("-inf"))
     # The scale is measured from the zero actually stored, so the top of the range stays covered.
-    span = (hi - zero.float()).clamp_min(0.0)
+    span = (hi - _float32_operand(zero)).clamp_min(0.0)
     scale = _round_stored(span / _levels(bits), scale_dtype, float("inf"))
     return scale, zero
 
@@ -188,13 +219,10 @@ def quantize_codes(xg: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Tensor
     ``scale == 0`` (constant) gets codes 0.
     """
     _check_bits(bits)
-    s = scale.float()
-    z = zero.float()
-    nonzero = s > 0
-    safe = torch.where(nonzero, s, torch.ones_like(s))
-    q = torch.round((xg.float() - z) / safe).clamp_(0, _levels(bits))
-    q = torch.where(nonzero, q, torch.zeros_like(q))
-    return q.to(torch.uint8)
+    s = _float32_operand(scale)
+    # A zero scale divides into inf or NaN here, which the final where replaces: no safe divisor is needed.
+    q = torch.round((_cast(xg, torch.float32) - _float32_operand(zero)) / s).clamp_(0, _levels(bits))
+    return torch.where(s > 0, q, 0.0).to(torch.uint8)
 
 
 def calibrated_params(scale: Tensor, zero: Tensor, bits: int, eta: float = 0.0) -> tuple[Tensor, Tensor]:
@@ -204,12 +232,10 @@ def calibrated_params(scale: Tensor, zero: Tensor, bits: int, eta: float = 0.0) 
     the expected error of very low-bit codes (METHODS.md section 6). ``eta = 0`` returns the stored values.
     """
     _check_bits(bits)
-    s = scale.float()
-    z = zero.float()
-    if eta != 0.0:
-        z = z + (eta * _levels(bits)) * s
-        s = (1.0 - 2.0 * eta) * s
-    return s, z
+    s = _cast(scale, torch.float32)
+    if eta == 0.0:
+        return s, _cast(zero, torch.float32)
+    return (1.0 - 2.0 * eta) * s, _float32_operand(zero) + (eta * _levels(bits)) * s
 
 
 def dequantize_codes(
@@ -225,9 +251,14 @@ def dequantize_codes(
 
     ``dtype`` defaults to ``scale.dtype``. ``eta`` is the calibration of :func:`calibrated_params`.
     """
-    s, z = calibrated_params(scale, zero, bits, eta)
-    out = torch.addcmul(z, codes.float(), s)
-    return out.to(dtype if dtype is not None else scale.dtype)
+    _check_bits(bits)
+    # ẑ in float32 makes the result float32; the integer codes and a stored fp16/bf16 ŝ are widened inside addcmul.
+    if eta == 0.0:
+        s, z = _float32_operand(scale), _cast(zero, torch.float32)
+    else:
+        s, z = calibrated_params(scale, zero, bits, eta)
+    out = torch.addcmul(z, _float32_operand(codes), s)
+    return _cast(out, dtype if dtype is not None else scale.dtype)
 
 
 # --------------------------------------------------------------------------------------------- packing
@@ -248,6 +279,76 @@ def _codes_per_unit(bits: int) -> int:
     return 8 if bits == 3 else 8 // bits
 
 
+class BitPacker:
+    """:func:`pack` and :func:`unpack` for one bit width, with their constant vectors made once on one device.
+
+    A cache makes one per stream when it allocates its buffers (before any CUDA-graph capture), so that packing
+    inside a decode step launches no ``arange`` of its own; the module functions make a throwaway one per call.
+    """
+
+    def __init__(self, bits: int, device: torch.device | str | None = None) -> None:
+        _check_bits(bits)
+        self.bits = bits
+        # Where each code of a unit starts. 3-bit codes straddle bytes, so a unit of 8 is assembled in an int32 word
+        # whose 3 bytes start at `byte_shifts`; narrower codes stay inside their byte (8-bit codes are bytes already).
+        three = bits == 3
+        self.code_shifts = torch.arange(0, 24 if three else 8, bits, device=device,
+                                        dtype=torch.int32 if three else torch.uint8)
+        self.byte_shifts = torch.arange(0, 24, 8, device=device, dtype=torch.int32) if three else None
+        # Factors that move each code of a byte to the byte's top bits (uint8 products wrap, dropping what was above).
+        self.to_top = None if three or bits == 8 else torch.tensor(
+            [1 << (8 - bits - shift) for shift in range(0, 8, bits)], dtype=torch.uint8, device=device
+        )
+
+    def pack(self, codes: Tensor, *, in_range: bool = False) -> Tensor:
+        """See :func:`pack`. ``in_range=True`` skips the masking, for codes known to lie in ``[0, 2^b)``."""
+        bits = self.bits
+        if bits == 8:
+            return _cast(codes, torch.uint8)
+        n = codes.shape[-1]
+        unit = _codes_per_unit(bits)
+        pad = (-n) % unit
+        if bits == 3 or codes.is_floating_point():
+            # Float codes truncate through int32, as they always have; integer codes keep their low bits either way.
+            codes = _cast(codes, torch.int32)
+        c = _cast(codes, self.code_shifts.dtype)
+        if not in_range:
+            c = c & _levels(bits)
+        if pad:
+            c = torch.nn.functional.pad(c, (0, pad))
+        c = c.reshape(*c.shape[:-1], -1, unit)
+        # Bit fields do not overlap, so a sum is a bitwise OR.
+        word = (c << self.code_shifts).sum(dim=-1, dtype=self.code_shifts.dtype)
+        if bits != 3:
+            return word
+        out = (word.unsqueeze(-1) >> self.byte_shifts) & 0xFF
+        return out.to(torch.uint8).flatten(-2)
+
+    def unpack(self, packed: Tensor, n: int) -> Tensor:
+        """See :func:`unpack`."""
+        bits = self.bits
+        expected = packed_size(n, bits)
+        if packed.shape[-1] != expected:
+            raise ValueError(
+                f"packed last dim is {packed.shape[-1]} bytes but {n} codes of {bits} bits need {expected}"
+            )
+        if bits == 8:
+            return _cast(packed, torch.uint8)
+        if bits == 3:
+            p = packed.to(torch.int32).reshape(*packed.shape[:-1], -1, 3)
+            word = (p << self.byte_shifts).sum(dim=-1, dtype=torch.int32)
+            codes = (word.unsqueeze(-1) >> self.code_shifts) & _levels(bits)
+        else:
+            # Whole codes sit inside one byte, so the bytes are worked on as they are (4x less memory than int32).
+            # Each code goes to the top of its byte, then down by one scalar shift: a shift by a broadcast vector
+            # costs a CPU several times more, and nothing is left to mask.
+            codes = (_cast(packed, torch.uint8).unsqueeze(-1) * self.to_top) >> (8 - bits)
+        codes = codes.flatten(-2)
+        if codes.shape[-1] != n:
+            codes = codes[..., :n]
+        return _cast(codes, torch.uint8)
+
+
 def pack(codes: Tensor, bits: int) -> Tensor:
     """Pack codes along the last dimension into uint8: ``[..., n] -> [..., packed_size(n, bits)]``.
 
@@ -255,51 +356,12 @@ def pack(codes: Tensor, bits: int) -> Tensor:
     For b = 3, 8 codes form a little-endian 24-bit word stored as 3 bytes. The tail is zero-padded. Codes are
     masked to ``b`` bits so an out-of-range value cannot corrupt its neighbours.
     """
-    _check_bits(bits)
-    if bits == 8:
-        return codes.to(torch.uint8)
-    n = codes.shape[-1]
-    unit = _codes_per_unit(bits)
-    pad = (-n) % unit
-    c = codes.to(torch.int32) & _levels(bits)
-    if pad:
-        c = torch.nn.functional.pad(c, (0, pad))
-    c = c.reshape(*c.shape[:-1], -1, unit)
-    shifts = torch.arange(unit, device=c.device, dtype=torch.int32) * bits
-    # Bit fields do not overlap, so a sum is a bitwise OR.
-    word = (c << shifts).sum(dim=-1, dtype=torch.int32)
-    if bits != 3:
-        return word.to(torch.uint8)
-    byte_shifts = torch.arange(3, device=c.device, dtype=torch.int32) * 8
-    out = (word.unsqueeze(-1) >> byte_shifts) & 0xFF
-    return out.to(torch.uint8).flatten(-2)
+    return BitPacker(bits, codes.device).pack(codes)
 
 
 def unpack(packed: Tensor, bits: int, n: int) -> Tensor:
     """Inverse of :func:`pack`: ``[..., packed_size(n, bits)] uint8 -> [..., n]`` uint8 codes."""
-    _check_bits(bits)
-    expected = packed_size(n, bits)
-    if packed.shape[-1] != expected:
-        raise ValueError(
-            f"packed last dim is {packed.shape[-1]} bytes but {n} codes of {bits} bits need {expected}"
-        )
-    if bits == 8:
-        return packed.to(torch.uint8)
-    unit = _codes_per_unit(bits)
-    if bits == 3:
-        p = packed.to(torch.int32).reshape(*packed.shape[:-1], -1, 3)
-        byte_shifts = torch.arange(3, device=p.device, dtype=torch.int32) * 8
-        word = (p << byte_shifts).sum(dim=-1, dtype=torch.int32)
-        shifts = torch.arange(unit, device=p.device, dtype=torch.int32) * bits
-    else:
-        # Whole codes sit inside one byte: shifting the bytes themselves moves 4x less memory than int32 would.
-        word = packed
-        shifts = torch.arange(unit, device=packed.device, dtype=torch.uint8) * bits
-    codes = (word.unsqueeze(-1) >> shifts) & _levels(bits)
-    codes = codes.flatten(-2)
-    if codes.shape[-1] != n:
-        codes = codes[..., :n]
-    return codes.to(torch.uint8)
+    return BitPacker(bits, packed.device).unpack(packed, n)
 
 
 # --------------------------------------------------------------------------------------------- high level
@@ -332,15 +394,21 @@ class Quantized:
         return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.zero))
 
 
-def _quantize(x: Tensor, bits: int, group: int, axis: Axis, scale_dtype: torch.dtype) -> Quantized:
+def _quantize(
+    x: Tensor, bits: int, group: int, axis: Axis, scale_dtype: torch.dtype, packer: BitPacker | None
+) -> Quantized:
     _check_bits(bits)
     _check_group(group)
-    xg = to_groups(x, group, axis)
+    packer = packer or BitPacker(bits, x.device)
+    if packer.bits != bits:
+        raise ValueError(f"a packer for {packer.bits} bits cannot pack {bits}-bit codes")
+    # Cast once here rather than once in each of minmax_params and quantize_codes.
+    xg = to_groups(_cast(x, torch.float32), group, axis)
     dim = group_dim(axis)
     scale, zero = minmax_params(xg, bits, scale_dtype, dim=dim)
     codes = from_groups(quantize_codes(xg, scale, zero, bits), axis)
     return Quantized(
-        codes=pack(codes, bits),
+        codes=packer.pack(codes, in_range=True),  # quantize_codes clamps them
         scale=scale.squeeze(dim),
         zero=zero.squeeze(dim),
         bits=bits,
@@ -352,40 +420,54 @@ def _quantize(x: Tensor, bits: int, group: int, axis: Axis, scale_dtype: torch.d
 
 
 def quantize_per_token(
-    x: Tensor, bits: int, group: int, *, scale_dtype: torch.dtype = torch.float16
+    x: Tensor,
+    bits: int,
+    group: int,
+    *,
+    scale_dtype: torch.dtype = torch.float16,
+    packer: BitPacker | None = None,
 ) -> Quantized:
     """Quantize ``x [..., T, C]`` with groups of ``group`` consecutive channels of each token.
 
     Returns codes ``[..., T, packed_size(C, bits)]`` and scale/zero ``[..., T, C // g]``, ``g = min(group, C)``.
-    Tokens are independent, so quantizing them one at a time gives identical results.
+    Tokens are independent, so quantizing them one at a time gives identical results. ``packer``: a
+    :class:`BitPacker` for ``bits`` made in advance (a cache's); by default one is made for the call.
     """
-    return _quantize(x, bits, group, "token", scale_dtype)
+    return _quantize(x, bits, group, "token", scale_dtype, packer)
 
 
 def quantize_per_channel(
-    x: Tensor, bits: int, group: int, *, scale_dtype: torch.dtype = torch.float16
+    x: Tensor,
+    bits: int,
+    group: int,
+    *,
+    scale_dtype: torch.dtype = torch.float16,
+    packer: BitPacker | None = None,
 ) -> Quantized:
     """Quantize ``x [..., T, C]`` with groups of ``group`` consecutive tokens of each channel.
 
     ``T`` must be a multiple of ``g = min(group, T)``. Returns codes ``[..., T, packed_size(C, bits)]`` and
     scale/zero ``[..., T // g, C]``. Blocks of ``g`` tokens are independent, so quantizing them one block at a time
-    gives identical results.
+    gives identical results. ``packer`` as in :func:`quantize_per_token`.
     """
-    return _quantize(x, bits, group, "channel", scale_dtype)
+    return _quantize(x, bits, group, "channel", scale_dtype, packer)
 
 
-def dequantize(q: Quantized, dtype: torch.dtype | None = None, *, eta: float = 0.0) -> Tensor:
+def dequantize(
+    q: Quantized, dtype: torch.dtype | None = None, *, eta: float = 0.0, packer: BitPacker | None = None
+) -> Tensor:
     """Reconstruct ``[..., T, C]`` from a :class:`Quantized` block, in ``dtype`` (default: the input's dtype).
 
     ``eta`` applies XQuant-KV's data-free calibration (see :func:`calibrated_params`); 0 is plain dequantization.
+    ``packer`` as in :func:`quantize_per_token`.
     """
-    codes = unpack(q.codes, q.bits, q.channels)
+    codes = (packer or BitPacker(q.bits, q.codes.device)).unpack(q.codes, q.channels)
     dim = group_dim(q.axis)
     cg = to_groups(codes, q.group, q.axis)
     out = dequantize_codes(
         cg, q.scale.unsqueeze(dim), q.zero.unsqueeze(dim), q.bits, torch.float32, eta=eta
     )
-    return from_groups(out, q.axis).to(dtype if dtype is not None else q.dtype)
+    return _cast(from_groups(out, q.axis), dtype if dtype is not None else q.dtype)
 
 
 def fake_quantize(
@@ -403,8 +485,8 @@ def fake_quantize(
     """
     _check_bits(bits)
     _check_group(group)
-    xg = to_groups(x, group, axis)
+    xg = to_groups(_cast(x, torch.float32), group, axis)
     scale, zero = minmax_params(xg, bits, scale_dtype, dim=group_dim(axis))
     codes = quantize_codes(xg, scale, zero, bits)
     out = dequantize_codes(codes, scale, zero, bits, torch.float32, eta=eta)
-    return from_groups(out, axis).to(x.dtype)
+    return _cast(from_groups(out, axis), x.dtype)

@@ -31,7 +31,10 @@ class Rotary(nn.Module):
         inv_freq = self._dynamic_frequencies(positions) if self.scaling.kind == "dynamic" else self.inv_freq
         angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]
         angles = torch.cat((angles, angles), dim=-1)
-        return angles.cos().to(dtype), angles.sin().to(dtype)
+        cos, sin = angles.cos(), angles.sin()
+        if dtype == torch.float32:
+            return cos, sin  # a no-op .to() is still an op dispatched at every step
+        return cos.to(dtype), sin.to(dtype)
 
     def _dynamic_frequencies(self, positions: Tensor) -> Tensor:
         # NTK-aware base stretching once the sequence outgrows the trained context; computed from a tensor so the

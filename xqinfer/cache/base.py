@@ -8,7 +8,7 @@ has static shapes: the current fill is carried by `slot_positions`, a tensor, ne
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Callable, ClassVar
 
@@ -169,6 +169,9 @@ class Step:
     sin: Tensor
     rotary: Rotary
     dtype: torch.dtype
+    # Index work every layer of the step does alike (slots, ring rows, which slots read in full precision), done by
+    # the first layer and reused by the others: QuantStream's `shared`.
+    shared: dict[tuple, Any] = field(default_factory=dict)
 
     @cached_property
     def stored_rope(self) -> tuple[Tensor, Tensor]:

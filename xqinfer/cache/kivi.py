@@ -112,14 +112,14 @@ class KVQuantLayer(LayerCache):
         stored_k = k if prerope else k_rotated
 
         def write() -> None:
-            self.keys.write(stored_k, positions)
-            self.values.write(v, positions)
+            self.keys.write(stored_k, positions, step.shared)
+            self.values.write(v, positions, step.shared)
 
         def read() -> tuple[Tensor, Tensor]:
-            keys = self.keys.read(step.stored_length, step.stored_positions)
+            keys = self.keys.read(step.stored_length, step.stored_positions, step.shared)
             if prerope:
                 keys = apply_rotary(keys, *step.stored_rope)
-            return keys, self.values.read(step.stored_length, step.stored_positions)
+            return keys, self.values.read(step.stored_length, step.stored_positions, step.shared)
 
         keys, values = step.read_around_write(write, read)
         if step.concat:

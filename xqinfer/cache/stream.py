@@ -17,9 +17,16 @@ quantizing the whole sequence at once; the residual only decides what is *read* 
 
 All of it is tensor arithmetic on static shapes driven by the step's position tensor: no host synchronization and
 no allocation that depends on the length, so a decode step can be captured in a CUDA graph.
+
+A decode step runs this for every layer, so every op counts (each is a kernel launch on a GPU, even in a graph):
+constants (pack shifts, group offsets) are made once per stream, and index work that depends only on the step's
+positions (slots, ring rows, which slots are read from the ring) can be shared by every stream of the step
+through the `shared` dict of `read` and `write` (a `Step.shared`).
 """
 
 from __future__ import annotations
+
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -82,6 +89,11 @@ class QuantStream:
         # Per channel, the open group's tokens must stay somewhere until it closes, even with residual=0.
         ring = residual if axis == "token" else max(residual, self.group)
         self.ring = torch.zeros(*lead, ring, channels, dtype=dtype, device=device)
+        self.packer = quant.BitPacker(bits, device)
+        # A group's token slots from its first, for the decode step's per-channel write.
+        self.group_offsets = torch.arange(self.group, device=device) if axis == "channel" else None
+        # Streams with the same rule for which tokens read in full precision share that mask within a step.
+        self.recent_key = ("read: recent", axis, residual if axis == "token" else residual or self.group)
 
     @property
     def ring_size(self) -> int:
@@ -95,10 +107,12 @@ class QuantStream:
 
     # ------------------------------------------------------------------------------------------------ read
 
-    def read(self, length: Tensor, slot_positions: Tensor) -> Tensor:
+    def read(self, length: Tensor, slot_positions: Tensor, shared: dict | None = None) -> Tensor:
         """Slots [0, span) reconstructed [..., span, C], span = len(slot_positions) (their positions).
 
         `length` is the number of tokens written so far; empty slots hold garbage that the attention mask hides.
+        `shared`: a dict that lives exactly as long as `length` and `slot_positions` (a step's), where the streams
+        reading them keep the index work they have in common, done once for all of them.
         """
         span = slot_positions.shape[0]
         if self.passthrough:
@@ -107,7 +121,7 @@ class QuantStream:
         if self.codes_from is not None:
             codes = self.codes_from.last_codes
         else:
-            codes = quant.unpack(self.codes[..., :span, :], self.bits, self.channels)
+            codes = self.packer.unpack(self.codes[..., :span, :], self.channels)
         self.last_codes = codes
         params = span if self.axis == "token" else span // self.group
         scale, zero = self.scale[..., :params, :], self.zero[..., :params, :]
@@ -118,9 +132,16 @@ class QuantStream:
         values = quant.from_groups(values, self.axis)
         if self.ring_size == 0:
             return values
-        recent = (slot_positions >= self._full_precision_from(length)) & (slot_positions >= 0)
-        exact = self.ring.index_select(-2, slot_positions.clamp(min=0) % self.ring_size)
-        return torch.where(recent[:, None], exact, values)
+        recent = _once(shared, self.recent_key, lambda: self._recent(length, slot_positions))
+        rows = _once(shared, ("read: ring rows", self.ring_size), lambda: slot_positions.clamp(min=0) % self.ring_size)
+        return torch.where(recent, self.ring.index_select(-2, rows), values)
+
+    def _recent(self, length: Tensor, slot_positions: Tensor) -> Tensor:
+        """[span, 1]: which slots are read from the ring, in full precision. Never an empty slot (position -1)."""
+        start = self._full_precision_from(length)
+        if self.axis == "token":
+            start = start.clamp(min=0)  # per channel it is a multiple of the flush size, never negative
+        return (slot_positions >= start)[:, None]
 
     def _full_precision_from(self, length: Tensor) -> Tensor:
         if self.axis == "token":
@@ -152,37 +173,88 @@ class QuantStream:
 
     # ------------------------------------------------------------------------------------------------ write
 
-    def write(self, y: Tensor, positions: Tensor) -> None:
-        """Stores y [..., T, C], the tokens at contiguous `positions` [T] that follow everything written so far."""
+    def write(self, y: Tensor, positions: Tensor, shared: dict | None = None) -> None:
+        """Stores y [..., T, C], the tokens at contiguous `positions` [T] that follow everything written so far.
+
+        `shared`: as in `read`, a dict that lives exactly as long as `positions` (a step's).
+        """
         if self.passthrough:
             tail = min(y.shape[-2], self.capacity)
             self.values.index_copy_(-2, positions[-tail:] % self.capacity, y[..., -tail:, :])
             return
         if self.axis == "token":
-            self._write_tokens(y, positions)
+            self._store_tokens(*self._quantize(y), positions, shared)
+            self._write_ring(y, positions, shared)
+        elif y.shape[-2] == 1:
+            # One token (decode): once it is in the ring, so is all of its group.
+            self._write_ring(y, positions, shared)
+            self._write_closing_group(positions, shared)
         else:
             self._write_channel_groups(y, positions)
-        if self.ring_size:
-            tail = min(y.shape[-2], self.ring_size)
-            self.ring.index_copy_(-2, positions[-tail:] % self.ring_size, y[..., -tail:, :])
+            self._write_ring(y, positions, shared)
 
     def write_reconstructed(self, y: Tensor, positions: Tensor) -> Tensor:
         """Stores y like `write` (a per-token stream without residual) and returns what reading it back gives."""
         if self.passthrough:
             self.write(y, positions)
             return y
-        q = self._write_tokens(y, positions)
-        return quant.dequantize(q, self.dtype, eta=self.eta)
+        q = quant.quantize_per_token(y, self.bits, self.group, scale_dtype=self.scale_dtype, packer=self.packer)
+        self._store_tokens(q.codes, q.scale, q.zero, positions, None)
+        return quant.dequantize(q, self.dtype, eta=self.eta, packer=self.packer)
 
-    def _write_tokens(self, y: Tensor, positions: Tensor) -> quant.Quantized:
-        tail = min(y.shape[-2], self.capacity)
-        q = quant.quantize_per_token(y, self.bits, self.group, scale_dtype=self.scale_dtype)
-        slots = positions[-tail:] % self.capacity
-        if self.codes is not None:
-            self.codes.index_copy_(-2, slots, q.codes[..., -tail:, :])
-        self.scale.index_copy_(-2, slots, q.scale[..., -tail:, :])
-        self.zero.index_copy_(-2, slots, q.zero[..., -tail:, :])
-        return q
+    def _quantize(self, y: Tensor) -> tuple[Tensor | None, Tensor, Tensor]:
+        """y's packed codes, scale and zero in the stream's layout; no codes for a stream that reads another's."""
+        if self.codes is None:
+            dim = quant.group_dim(self.axis)
+            grouped = quant.to_groups(y, self.group, self.axis)
+            scale, zero = quant.minmax_params(grouped, self.bits, self.scale_dtype, dim=dim)
+            return None, scale.squeeze(dim), zero.squeeze(dim)
+        quantize = quant.quantize_per_token if self.axis == "token" else quant.quantize_per_channel
+        q = quantize(y, self.bits, self.group, scale_dtype=self.scale_dtype, packer=self.packer)
+        return q.codes, q.scale, q.zero
+
+    def _store_tokens(self, codes: Tensor | None, scale: Tensor, zero: Tensor, positions: Tensor,
+                      shared: dict | None) -> None:
+        tail = min(positions.shape[0], self.capacity)
+        slots = _once(shared, ("write: slots", self.capacity, tail), lambda: _last(positions, tail) % self.capacity)
+        if codes is not None:
+            self.codes.index_copy_(-2, slots, _last(codes, tail, dim=-2))
+        self.scale.index_copy_(-2, slots, _last(scale, tail, dim=-2))
+        self.zero.index_copy_(-2, slots, _last(zero, tail, dim=-2))
+
+    def _write_ring(self, y: Tensor, positions: Tensor, shared: dict | None) -> None:
+        if not self.ring_size:
+            return
+        ring, tail = self.ring_size, min(y.shape[-2], self.ring_size)
+        rows = _once(shared, ("write: ring rows", ring, tail), lambda: _last(positions, tail) % ring)
+        self.ring.index_copy_(-2, rows, _last(y, tail, dim=-2))
+
+    def _write_closing_group(self, positions: Tensor, shared: dict | None) -> None:
+        """Quantizes the group of the one token just written to the ring, and stores it if that token closes it.
+
+        Every step quantizes (static shapes), but only a closing token's group is stored: the open group's slots
+        keep what they hold until then. The ring holds the whole group since it is a multiple of the group size.
+        """
+        g = self.group
+        ring_group, token_slots, group_slot, closes = _once(
+            shared, ("write: closing group", g, self.ring_size, self.capacity), lambda: self._closing_group(positions)
+        )
+        lead, channels = self.ring.shape[:-2], self.ring.shape[-1]
+        grouped_ring = self.ring.view(*lead, self.ring_size // g, g, channels)
+        codes, scale, zero = self._quantize(grouped_ring.index_select(-3, ring_group).flatten(-3, -2))
+        if codes is not None:
+            _masked_store(self.codes, token_slots, codes, closes)
+        _masked_store(self.scale, group_slot, scale, closes)
+        _masked_store(self.zero, group_slot, zero, closes)
+
+    def _closing_group(self, positions: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """For the one token at `positions` [1]: its group's ring group, token slots, group slot, and [1, 1] whether
+        the token closes the group."""
+        g = self.group
+        group = torch.div(positions, g, rounding_mode="floor")
+        token_slots = (group * g + self.group_offsets) % self.capacity
+        closes = ((positions + 1) % g == 0)[:, None]
+        return group % (self.ring_size // g), token_slots, group % (self.capacity // g), closes
 
     def _write_channel_groups(self, y: Tensor, positions: Tensor) -> None:
         # The groups touched by this chunk start at the open group's first token, whose earlier tokens are in the
@@ -197,21 +269,36 @@ class QuantStream:
         index = torch.where(
             window < first, window % ring, torch.where(window < first + count, ring + window - first, ring + count)
         )
-        q = quant.quantize_per_channel(source.index_select(-2, index), self.bits, g, scale_dtype=self.scale_dtype)
+        codes, scale, zero = self._quantize(source.index_select(-2, index))
         group_ends = start + (torch.arange(groups, device=positions.device) + 1) * g - 1
         closed = group_ends <= positions[-1]
         token_slots = window % self.capacity
         group_slots = torch.div(window[::g], g, rounding_mode="floor") % (self.capacity // g)
-        if self.codes is not None:
-            _masked_store(self.codes, token_slots, q.codes, closed.repeat_interleave(g))
-        _masked_store(self.scale, group_slots, q.scale, closed)
-        _masked_store(self.zero, group_slots, q.zero, closed)
+        if codes is not None:
+            _masked_store(self.codes, token_slots, codes, closed.repeat_interleave(g)[:, None])
+        _masked_store(self.scale, group_slots, scale, closed[:, None])
+        _masked_store(self.zero, group_slots, zero, closed[:, None])
+
+
+def _once(shared: dict | None, key: tuple, compute: Callable[[], Any]) -> Any:
+    """compute(), or what it gave for `key` earlier in the step whose `shared` dict this is."""
+    if shared is None:
+        return compute()
+    if key not in shared:
+        shared[key] = compute()
+    return shared[key]
+
+
+def _last(x: Tensor, count: int, dim: int = 0) -> Tensor:
+    """The last `count` entries of x along `dim`, without the (no-op, still dispatched) slice when that is all."""
+    return x if x.shape[dim] == count else x.narrow(dim, x.shape[dim] - count, count)
 
 
 def _masked_store(buffer: Tensor, slots: Tensor, values: Tensor, keep: Tensor) -> None:
-    """buffer[..., slots, :] = values where keep, unchanged elsewhere (static shapes, no data-dependent indexing)."""
+    """buffer[..., slots, :] = values where keep ([len(slots), 1] or [1, 1]), unchanged elsewhere (static shapes,
+    no data-dependent indexing)."""
     current = buffer.index_select(-2, slots)
-    buffer.index_copy_(-2, slots, torch.where(keep[:, None], values, current))
+    buffer.index_copy_(-2, slots, torch.where(keep, values, current))
 
 
 def stored_bits(bits: int, group: int, param_bits: int = 16) -> float:
