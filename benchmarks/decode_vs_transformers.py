@@ -4,9 +4,10 @@
     python benchmarks/decode_vs_transformers.py --reps 5 --threads 2 --json results.json
 
 Both engines run the same random-weight model (a preset from `models/`, built by `xqinfer.loader.random_model`);
-transformers loads the very same tensors from a temporary safetensors directory, and the script checks that every
-tensor is bit-identical before timing anything. Decoding is greedy with no stop ids (transformers gets
-`min_new_tokens = max_new_tokens`, so EOS cannot end it early).
+transformers loads the very same tensors from a temporary safetensors directory (xqinfer's fused q|k|v and gate|up
+split back into the checkpoint's names), and the script checks that every tensor is bit-identical before timing
+anything. Decoding is greedy with no stop ids (transformers gets `min_new_tokens = max_new_tokens`, so EOS cannot
+end it early).
 
 What is timed, identically on both sides: the decode phase only, i.e. the `gen - 1` forward passes (plus sampling)
 that follow the first generated token. The first token comes out of prefill and is excluded.
@@ -39,7 +40,7 @@ sys.path.insert(0, str(REPO))
 import torch
 
 from xqinfer.engine import Engine, GenerationStats
-from xqinfer.loader import random_model
+from xqinfer.loader import expected_shapes, parameter_sources, random_model
 from xqinfer.presets import preset_config
 from xqinfer.sampling import SamplingParams
 
@@ -113,7 +114,7 @@ def build_models(args):
 
     config = preset_config(args.preset)
     model = random_model(config, torch.float32, "cpu", seed=args.seed)
-    state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
+    state = checkpoint_tensors(model)
     with tempfile.TemporaryDirectory(prefix="xqinfer-bench-") as tmp:
         hf_config = dict(config.source)
         hf_config["torch_dtype"] = "float32"
@@ -128,6 +129,17 @@ def build_models(args):
     if mismatched:
         raise SystemExit(f"weights differ between the two models: {mismatched[:5]}")
     return config, model, hf
+
+
+def checkpoint_tensors(model) -> dict[str, torch.Tensor]:
+    """The model's weights under Hugging Face checkpoint names: fused parameters split back into their parts."""
+    shapes = expected_shapes(model.config)
+    sources = parameter_sources(model.config)
+    state = {}
+    for name, tensor in model.state_dict().items():
+        blocks = tensor.split([shapes[part][0] for part in sources[name]])
+        state.update((part, block.contiguous()) for part, block in zip(sources[name], blocks))
+    return state
 
 
 def run_xqinfer(model, prompt: list[int], gen: int, cache: str) -> dict:
@@ -232,7 +244,8 @@ def main(argv=None) -> dict:
 
     decode = {n: summary([r["decode_tok_s"] for r in results[n]]) for n in runners}
     prefill = {n: summary([r["prefill_tok_s"] for r in results[n]]) for n in runners}
-    ratios = summary([x["decode_tok_s"] / h["decode_tok_s"] for x, h in zip(results["xqinfer"], results["transformers"])])
+    pairs = zip(results["xqinfer"], results["transformers"])
+    ratios = summary([x["decode_tok_s"] / h["decode_tok_s"] for x, h in pairs])
     # Noise-robust companion: the median time between consecutive tokens, pooled over all timed runs. A step that
     # another process preempted lands in the tail and barely moves the median.
     median_step = {n: statistics.median(s for r in results[n] for s in r["step_seconds"]) for n in runners}

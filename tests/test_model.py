@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import load_hf
+import torch.nn.functional as F
 
 from xqinfer.cache import make_cache
 from xqinfer.engine import Engine
+from xqinfer.model import SPLIT_MIN_BYTES, linear
+
+from conftest import load_hf
 
 TOLERANCE = 1e-4
 
@@ -128,6 +131,46 @@ def test_sharded_checkpoint_matches_transformers(make_hf_model, load_xq):
     _assert_close(xq_full(model, ids), hf_full(hf, ids), "sharded full forward")
     engine = Engine(model, "fp16", capacity=32)
     _assert_steps_close(xq_incremental(engine, ids[:14], ids[14:]), hf_incremental(hf, ids[:14], ids[14:]), "sharded")
+
+
+def test_checkpoint_layout_gives_the_same_logits(make_hf_model, load_xq):
+    # fp32 on the CPU stores the wide weights [in, out]; CUDA and half precision keep the checkpoint's [out, in].
+    hf, directory = make_hf_model(num_key_value_heads=2)
+    model = load_xq(directory)
+    for parameter in model.parameters():
+        parameter.data = parameter.data.contiguous()
+    ids = _ids(24, seed=4)
+    _assert_close(xq_full(model, ids), hf_full(hf, ids), "checkpoint layout full forward")
+    engine = Engine(model, "fp16", capacity=32)
+    expected = hf_incremental(hf, ids[:16], ids[16:])
+    _assert_steps_close(xq_incremental(engine, ids[:16], ids[16:]), expected, "checkpoint layout")
+
+
+@pytest.mark.parametrize("layout", ["out-in", "in-out"])
+def test_one_token_products_are_split_over_the_threads(layout, monkeypatch):
+    weight = torch.randn(1024, 256)
+    if layout == "in-out":
+        weight = weight.t().contiguous().t()
+    assert weight.nbytes >= SPLIT_MIN_BYTES
+    torch.set_num_threads(2)  # the single_thread fixture restores the count afterwards
+    batched = []
+    bmm = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda *args: batched.append(args[1].shape) or bmm(*args))
+    for x in (torch.randn(1, 1, 256), torch.randn(256), torch.randn(1, 5, 256)):
+        torch.testing.assert_close(linear(x, weight), F.linear(x, weight), rtol=1e-6, atol=1e-5)
+    assert batched == [(2, 256, 512)] * 2  # one block of output rows per thread, for the single-row inputs only
+
+
+def test_decode_with_split_products_matches_transformers(make_hf_model, load_xq):
+    # Projections of at least SPLIT_MIN_BYTES, so that with two threads every decode step takes the split path.
+    hf, directory = make_hf_model(hidden_size=256, intermediate_size=512, num_key_value_heads=2)
+    model = load_xq(directory)
+    assert model.layers[0].self_attn.o_proj.weight.nbytes >= SPLIT_MIN_BYTES
+    torch.set_num_threads(2)
+    ids = _ids(20, seed=5)
+    engine = Engine(model, "fp16", capacity=32)
+    expected = hf_incremental(hf, ids[:12], ids[12:])
+    _assert_steps_close(xq_incremental(engine, ids[:12], ids[12:]), expected, "split products")
 
 
 def test_dynamic_rope_full_forward_beyond_trained_context(make_hf_model, load_xq):

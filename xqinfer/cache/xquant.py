@@ -78,8 +78,8 @@ class XQuantMHALayer(LayerCache):
     def __init__(self, parent: XQuantCache, index: int, attention) -> None:
         super().__init__(parent, index)
         o, config = parent.spec.options, parent.config
-        self.wk = attention.k_proj.weight
-        self.wv = attention.v_proj.weight
+        self.wk = attention.wk
+        self.wv = attention.wv
         self.x = QuantStream((parent.batch_size,), parent.capacity, config.hidden_size, o["bits"], o["group"], "token",
                              o["residual"], parent.dtype, parent.device, eta=o["eta"])
 
@@ -89,10 +89,11 @@ class XQuantMHALayer(LayerCache):
         self.note_decode_path(step, fused)
         if fused:
             # CUDA decode: the fused kernel dequantizes, rebuilds and attends without materializing the history.
-            self.x.write(x, positions)
+            self.x.write(x, positions, step.shared)
             return mha_decode(self, q, step)
         stored = step.read_around_write(
-            lambda: self.x.write(x, positions), lambda: self.x.read(step.stored_length, step.stored_positions)
+            lambda: self.x.write(x, positions, step.shared),
+            lambda: self.x.read(step.stored_length, step.stored_positions, step.shared),
         )
         keys = rotate_stored_keys(stored @ self.wk.T, k.shape, step)
         if not step.concat:
@@ -111,8 +112,8 @@ class XQuantGQALayer(LayerCache):
     def __init__(self, parent: XQuantCache, index: int, attention) -> None:
         super().__init__(parent, index)
         o, config = parent.spec.options, parent.config
-        self.uk, self.mk = latent_factors(attention.k_proj.weight)
-        self.uv, self.mv = latent_factors(attention.v_proj.weight)
+        self.uk, self.mk = latent_factors(attention.wk)
+        self.uv, self.mv = latent_factors(attention.wv)
         self.outlier = bool(o["outlier"])
         lead, dtype = (parent.batch_size,), parent.dtype
         width = latent_width(config)
@@ -130,11 +131,11 @@ class XQuantGQALayer(LayerCache):
         fused = gqa_fusable(self, q, step) is None
         self.note_decode_path(step, fused)
         if fused:
-            self._write(x @ self.uk, x @ self.uv, positions)
+            self._write(x @ self.uk, x @ self.uv, positions, step.shared)
             return gqa_decode(self, q, step)
         new_keys, new_values = x @ self.uk, x @ self.uv
         stored_keys, stored_values = step.read_around_write(
-            lambda: self._write(new_keys, new_values, positions), lambda: self._read(step)
+            lambda: self._write(new_keys, new_values, positions, step.shared), lambda: self._read(step)
         )
         if step.concat:
             if self.parent.simulate:
@@ -144,17 +145,18 @@ class XQuantGQALayer(LayerCache):
         keys = rotate_stored_keys(stored_keys @ self.mk, k.shape, step)
         return attend_values(self.parent, q, keys, stored_values, self.mv, step.mask)
 
-    def _write(self, key_latents: Tensor, value_latents: Tensor, positions: Tensor) -> None:
+    def _write(self, key_latents: Tensor, value_latents: Tensor, positions: Tensor, shared: dict) -> None:
         if self.outlier_channel is not None:
-            self.outlier_channel.write(key_latents[..., :1], positions)
-        self.key_latents.write(key_latents[..., int(self.outlier):], positions)
-        self.value_latents.write(value_latents, positions)
+            self.outlier_channel.write(key_latents[..., :1], positions, shared)
+        self.key_latents.write(key_latents[..., int(self.outlier):], positions, shared)
+        self.value_latents.write(value_latents, positions, shared)
 
     def _read(self, step) -> tuple[Tensor, Tensor]:
-        keys = self.key_latents.read(step.stored_length, step.stored_positions)
+        keys = self.key_latents.read(step.stored_length, step.stored_positions, step.shared)
         if self.outlier_channel is not None:
-            keys = torch.cat((self.outlier_channel.read(step.stored_length, step.stored_positions), keys), dim=-1)
-        return keys, self.value_latents.read(step.stored_length, step.stored_positions)
+            outlier = self.outlier_channel.read(step.stored_length, step.stored_positions, step.shared)
+            keys = torch.cat((outlier, keys), dim=-1)
+        return keys, self.value_latents.read(step.stored_length, step.stored_positions, step.shared)
 
     def _simulate(self, key_latents: Tensor) -> Tensor:
         if self.outlier_channel is None:

@@ -12,7 +12,6 @@ import torch
 from torch import Tensor
 
 from ..rope import apply_rotary
-
 from .base import Cache, CacheSpec, LayerCache, Option, refuse, register
 from .stream import FULL_PRECISION, QuantStream, stored_bits
 from .xquant import attend_values, rotate_stored_keys
@@ -55,7 +54,10 @@ class XQuantCLCache(Cache):
         o = spec.options
         width = min(2 * config.kv_dim, config.hidden_size) if config.is_gqa else config.hidden_size
         bits = o["base_bits"] if index < o["base_layers"] else o["bits"]
-        per_element = float(torch.finfo(dtype).bits) if bits == FULL_PRECISION else stored_bits(bits, min(o["group"], width))
+        if bits == FULL_PRECISION:
+            per_element = float(torch.finfo(dtype).bits)
+        else:
+            per_element = stored_bits(bits, min(o["group"], width))
         return width * per_element / (2 * config.kv_dim)
 
     @classmethod
@@ -73,8 +75,8 @@ class XQuantCLLayer(LayerCache):
         super().__init__(parent, index)
         o, config = parent.spec.options, parent.config
         self.is_base = index < o["base_layers"]
-        self.wk = attention.k_proj.weight
-        self.wv = attention.v_proj.weight
+        self.wk = attention.wk
+        self.wv = attention.wv
         self.basis = shared_basis(self.wk, self.wv) if config.is_gqa else None
         width = self.basis.shape[1] if self.basis is not None else config.hidden_size
         bits = o["base_bits"] if self.is_base else o["bits"]
@@ -87,7 +89,7 @@ class XQuantCLLayer(LayerCache):
         written: list[Tensor] = []
         stored = step.read_around_write(
             lambda: written.append(self.stream.write_reconstructed(self._to_stream_basis(source), positions)),
-            lambda: self._to_model_basis(self.stream.read(step.stored_length, step.stored_positions)),
+            lambda: self._to_model_basis(self.stream.read(step.stored_length, step.stored_positions, step.shared)),
         )
         new = self._to_model_basis(written[0])
         if not self.is_base:
@@ -97,8 +99,9 @@ class XQuantCLLayer(LayerCache):
         if not step.concat:
             return attend_values(parent, q, keys, stored, self.wv.T, step.mask)
         attended = new if parent.simulate else x
-        new_keys = k if not parent.simulate else (new @ self.wk.T).view(k.shape[0], -1, k.shape[1], k.shape[3]).transpose(1, 2)
-        keys = torch.cat((keys, apply_rotary(new_keys, step.cos, step.sin)), dim=2)
+        if parent.simulate:
+            k = (new @ self.wk.T).view(k.shape[0], -1, k.shape[1], k.shape[3]).transpose(1, 2)
+        keys = torch.cat((keys, apply_rotary(k, step.cos, step.sin)), dim=2)
         return attend_values(parent, q, keys, torch.cat((stored, attended), dim=-2), self.wv.T, step.mask)
 
     def _to_stream_basis(self, x: Tensor) -> Tensor:
