@@ -267,6 +267,7 @@ def x_attention_reference(q: Tensor, x: QuantizedHistory, wk_t: Tensor, cos: Ten
     """XQuant on an MHA model: the cache holds X per token; ``K = RoPE(X̂ · Wkᵀ)``, output ``p · X̂`` [B, H, d].
 
     ``x`` is the X stream (scales and zeros per token, its residual window as the override); ``wk_t`` [d, H·D] is
-    ``k_proj.weight.T`` (a view is fine). The caller applies ``Wvᵀ`` per head afterwards.
+    ``attention.wk.T``, the key rows of the fused q|k|v weight transposed (a view is fine). The caller applies
+    ``Wvᵀ`` per head afterwards.
     """
     return latent_attention_reference(q, x, x, wk_t, cos, sin, mask, group, eta=eta, key_axis="token", config=config)
