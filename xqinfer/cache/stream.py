@@ -132,9 +132,15 @@ class QuantStream:
         values = quant.from_groups(values, self.axis)
         if self.ring_size == 0:
             return values
+        recent, rows = self.ring_reads(length, slot_positions, shared)
+        return torch.where(recent, self.ring.index_select(-2, rows), values)
+
+    def ring_reads(self, length: Tensor, slot_positions: Tensor, shared: dict | None = None) -> tuple[Tensor, Tensor]:
+        """([span, 1] which slots read from the ring, [span] their ring rows): the full-precision rule of `read`,
+        also what the fused kernels get as their override."""
         recent = _once(shared, self.recent_key, lambda: self._recent(length, slot_positions))
         rows = _once(shared, ("read: ring rows", self.ring_size), lambda: slot_positions.clamp(min=0) % self.ring_size)
-        return torch.where(recent, self.ring.index_select(-2, rows), values)
+        return recent, rows
 
     def _recent(self, length: Tensor, slot_positions: Tensor) -> Tensor:
         """[span, 1]: which slots are read from the ring, in full precision. Never an empty slot (position -1)."""

@@ -17,9 +17,9 @@ first and reads its own token back, `Step.read_around_write`); the glue itself n
 
 What it passes (see `reference.latent_attention_reference` for the arguments): one `QuantizedHistory` per stream
 (`stream_inputs`) holding slots [0, span) of the stream's codes, scales and zeros (views, no copy) and the stream's
-residual ring itself as the `Override`, with `recent = position >= QuantStream._full_precision_from(stored_length)`
-over the step's `stored_positions` (exactly `QuantStream.read`'s rule) and ring rows `position % ring_size`; RoPE
-tables `step.stored_rope`; `step.mask` [1, span]. It then applies Mv (GQA) or Wvᵀ (MHA) per head to the absorbed
+residual ring itself as the `Override`, whose mask and rows are `QuantStream.ring_reads` over the step's
+`stored_positions` (the rule `QuantStream.read` applies, shared with it through `step.shared`); RoPE tables
+`step.stored_rope`; `step.mask` [1, span]. It then applies Mv (GQA) or Wvᵀ (MHA) per head to the absorbed
 output, as `attend_values` does.
 """
 
@@ -39,9 +39,8 @@ def stream_inputs(stream, step) -> QuantizedHistory:
     params = span if stream.axis == "token" else span // stream.group
     override = None
     if stream.ring_size:
-        positions = step.stored_positions
-        recent = (positions >= stream._full_precision_from(step.stored_length)) & (positions >= 0)
-        override = Override(recent, stream.ring, positions.clamp(min=0) % stream.ring_size)
+        recent, rows = stream.ring_reads(step.stored_length, step.stored_positions, step.shared)
+        override = Override(recent.squeeze(-1), stream.ring, rows)
     return QuantizedHistory(stream.codes[..., :span, :], stream.scale[..., :params, :], stream.zero[..., :params, :],
                             stream.bits, override)
 
