@@ -284,6 +284,11 @@ def _check_stream(stream: QuantStream, x: torch.Tensor, n: int, bits: int, group
             assert torch.equal(got, x[..., p, :]), f"token {p} should be read in full precision (n={n})"
         else:
             assert torch.equal(got, dequantized[..., p, :]), f"token {p} should be read dequantized (n={n})"
+    # Before the buffer wraps, a read of the first slots only (a span bucket) gives those slots of the full read.
+    span = -(-max(n, 1) // g) * g
+    if n <= capacity and span < capacity:
+        partial = stream.read(torch.tensor(n), slot_positions[:span])
+        assert torch.equal(partial[..., :n, :], values[..., :n, :]), f"a read of {span} slots (n={n})"
 
 
 STREAM_CASES = [
@@ -299,6 +304,9 @@ STREAM_CASES = [
     ("channel", 8, 8, 0, 32),
     ("channel", 3, 4, 0, 48),
     ("channel", 2, 8, 16, 48),
+    # A residual longer than the buffer (and than any span read): the ring is bigger than what it overrides.
+    ("token", 2, 8, 40, 32),
+    ("channel", 2, 8, 48, 32),
 ]
 
 

@@ -133,17 +133,18 @@ def test_every_step_of_a_bucket_replays_the_first_steps_operations(shape, spec, 
 # graph (~1-2 us each), so at 32 layers each 10 ops per layer cost about 0.5 ms per token: as much as streaming a
 # few GB of weights. The bounds keep each method near what its quantized write and read need; before they were set
 # the steps issued about twice as many (kivi 200 per layer, xquant 222 on GQA, xquant-cl 110). Counts are exact, so
-# a bound that fails means new ops in the step, not noise.
+# a bound that fails means new ops in the step, not noise. On a CPU a stored fp16 scale is cast to float32 before
+# dequantizing (one op per stream that a GPU does not run).
 OPS_PER_LAYER = [
-    ("mha", "kivi", 110),
-    ("gqa", "kivi:prerope=1", 120),
-    ("gqa", "asymkv", 110),
+    ("mha", "kivi", 112),
+    ("gqa", "kivi:prerope=1", 123),
+    ("gqa", "asymkv", 112),
     ("gqa", "xquant-kv", 110),
     ("mha", "xquant", 78),
     ("gqa", "xquant", 150),
     ("gqa", "xquant:outlier=1,absorb=0", 152),
-    ("mha", "xquant-cl", 76),
-    ("gqa", "xquant-cl", 79),
+    ("mha", "xquant-cl", 77),
+    ("gqa", "xquant-cl", 80),
 ]
 
 

@@ -92,6 +92,7 @@ class QuantStream:
         self.packer = quant.BitPacker(bits, device)
         # A group's token slots from its first, for the decode step's per-channel write.
         self.group_offsets = torch.arange(self.group, device=device) if axis == "channel" else None
+        self.ring_rows = torch.arange(ring, device=device)
         # Streams with the same rule for which tokens read in full precision share that mask within a step.
         self.recent_key = ("read: recent", axis, residual if axis == "token" else residual or self.group)
 
@@ -132,8 +133,17 @@ class QuantStream:
         values = quant.from_groups(values, self.axis)
         if self.ring_size == 0:
             return values
-        recent, rows = self.ring_reads(length, slot_positions, shared)
-        return torch.where(recent, self.ring.index_select(-2, rows), values)
+        if self.ring_size > span:
+            recent, rows = self.ring_reads(length, slot_positions, shared)
+            return torch.where(recent, self.ring.index_select(-2, rows), values)
+        # Only the ring's rows can differ from the dequantized history: patching those costs O(ring) where a
+        # select over every slot costs two more passes over the whole span (most of a long-context step on a CPU).
+        slots, recent = _once(shared, ("read: ring patch",) + self.recent_key + (self.ring_size, span),
+                              lambda: self._ring_patch(length, span))
+        if recent is None:
+            return values.index_copy_(-2, slots, self.ring)
+        patch = torch.where(recent, self.ring, values.index_select(-2, slots))
+        return values.index_copy_(-2, slots, patch)
 
     def ring_reads(self, length: Tensor, slot_positions: Tensor, shared: dict | None = None) -> tuple[Tensor, Tensor]:
         """([span, 1] which slots read from the ring, [span] their ring rows): the full-precision rule of `read`,
@@ -141,6 +151,23 @@ class QuantStream:
         recent = _once(shared, self.recent_key, lambda: self._recent(length, slot_positions))
         rows = _once(shared, ("read: ring rows", self.ring_size), lambda: slot_positions.clamp(min=0) % self.ring_size)
         return recent, rows
+
+    def _ring_patch(self, length: Tensor, span: int) -> tuple[Tensor, Tensor | None]:
+        """For each ring row (ring_size <= span): ([R] the slot it patches, [R, 1] whether it is read from the ring,
+        or None when every row is).
+
+        Row r holds the newest position p_r = r (mod R) below `length`; the R positions are consecutive, so their
+        slots p_r mod span are distinct (a position's slot is p mod capacity, and span is either the capacity or
+        above every position held). A row holding nothing yet (p_r < 0) lands on an empty slot, which attention
+        masks. Per token, the ring is exactly the `residual` newest tokens, all read from it; per channel, only
+        those since the last flush are.
+        """
+        newest = length - 1
+        positions = newest - torch.remainder(newest - self.ring_rows, self.ring_size)
+        slots = torch.remainder(positions, span)
+        if self.axis == "token":
+            return slots, None
+        return slots, (positions >= self._full_precision_from(length))[:, None]
 
     def _recent(self, length: Tensor, slot_positions: Tensor) -> Tensor:
         """[span, 1]: which slots are read from the ring, in full precision. Never an empty slot (position -1)."""
