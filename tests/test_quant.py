@@ -300,6 +300,18 @@ def test_eta_zero_is_plain() -> None:
     assert torch.equal(dequantize(q), plain)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("eta", [0.0, 0.045])
+def test_dequantizing_into_half_precision_rounds_the_float32_result_once(dtype, eta) -> None:
+    g = torch.Generator().manual_seed(1)
+    codes = torch.randint(0, 4, (3, 8, 4, 16), dtype=torch.uint8, generator=g)
+    scale = (torch.rand(3, 8, 1, 16, generator=g) * 3).half()
+    zero = (torch.randn(3, 8, 1, 16, generator=g) * 10).half()
+    out = dequantize_codes(codes, scale, zero, 2, dtype, eta=eta)
+    assert out.dtype == dtype and out.shape == codes.shape
+    assert torch.equal(out, dequantize_codes(codes, scale, zero, 2, torch.float32, eta=eta).to(dtype))
+
+
 def test_eta_formula() -> None:
     codes = torch.tensor([0, 1, 2, 3], dtype=torch.uint8)
     scale, zero = torch.tensor(2.0), torch.tensor(-1.0)
