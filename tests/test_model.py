@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from xqinfer.cache import make_cache
 from xqinfer.engine import Engine
 from xqinfer.model import SPLIT_MIN_BYTES, linear
+from xqinfer.rope import apply_rotary
 
 from conftest import load_hf
 
@@ -227,3 +228,17 @@ def test_full_forward_is_batch_independent(make_hf_model, load_xq):
         both = model(torch.tensor([a, b]), torch.arange(16), cache)
     _assert_close(both[0], hf_full(hf, a), "batch row 0")
     _assert_close(both[1], hf_full(hf, b), "batch row 1")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 2, 1, 8), (2, 3, 37, 16), (1, 4, 300, 64)])
+def test_apply_rotary_is_bitwise_the_rotate_half_formula(shape, dtype):
+    # The in-place half-by-half form must round exactly as x·cos + rotate_half(x)·sin does, whatever the shape, so
+    # that rotating a rebuilt history and rotating the same keys on arrival give the same bits.
+    g = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(shape, generator=g).to(dtype)
+    angles = torch.rand(shape[-2], shape[-1] // 2, generator=g) * 100
+    cos, sin = torch.cat((angles, angles), -1).cos().to(dtype), torch.cat((angles, angles), -1).sin().to(dtype)
+    half = shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    assert torch.equal(apply_rotary(x, cos, sin), x * cos + rotated * sin)
