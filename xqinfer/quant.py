@@ -252,12 +252,11 @@ def dequantize_codes(
     ``dtype`` defaults to ``scale.dtype``. ``eta`` is the calibration of :func:`calibrated_params`.
     """
     _check_bits(bits)
-    # ẑ in float32 makes the result float32; the integer codes (and on a GPU a stored fp16/bf16 ŝ) are widened inside
-    # addcmul. A CPU runs an op whose float operands differ in type without vectorizing it (1.8x slower measured), and
-    # ŝ is one value per group: cast first there.
-    if eta == 0.0:
-        s = _cast(scale, torch.float32) if scale.device.type == "cpu" else _float32_operand(scale)
-        z = _cast(zero, torch.float32)
+    # ẑ in float32 makes the result float32; the integer codes, and on a GPU a stored fp16/bf16 ŝ, are widened inside
+    # addcmul. A CPU does not vectorize an op whose float operands differ in type (1.8x slower measured), so there ŝ
+    # (one value per group) is cast first, as `calibrated_params` does.
+    if eta == 0.0 and scale.device.type != "cpu":
+        s, z = _float32_operand(scale), _cast(zero, torch.float32)
     else:
         s, z = calibrated_params(scale, zero, bits, eta)
     dtype = dtype if dtype is not None else scale.dtype
