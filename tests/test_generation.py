@@ -279,7 +279,7 @@ def test_stop_string_through_generate():
 
 
 _FAULTS_PER_STEP = r"""
-import resource, sys, torch
+import resource, torch
 from xqinfer.config import ModelConfig
 from xqinfer.engine import Engine
 from xqinfer.loader import random_model
