@@ -15,6 +15,7 @@ from xqinfer.cache.fp16 import FP16LayerCache
 from xqinfer.cache.stream import QuantStream
 from xqinfer.config import ModelConfig
 from xqinfer.loader import random_model
+from xqinfer.plan import bytes_per_token
 from xqinfer.presets import preset_config
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -34,7 +35,13 @@ CONFIGS = {
     "gqa-square": dict(_BASE, hidden_size=64, num_attention_heads=8, num_key_value_heads=4, head_dim=8),  # 2kv = d
     "swa": dict(_BASE, architectures=["MistralForCausalLM"], hidden_size=64, num_attention_heads=8,
                 num_key_value_heads=2, head_dim=8, sliding_window=40),
+    # SmolLM2-135M's widths (kv_dim 192, hidden 576) in 2 layers: the default groups of 128 leave ragged rows.
+    "smol": {"architectures": ["LlamaForCausalLM"], "hidden_size": 576, "intermediate_size": 1536,
+             "num_hidden_layers": 2, "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 512,
+             "max_position_embeddings": 8192, "rope_theta": 100000.0, "rms_norm_eps": 1e-5,
+             "tie_word_embeddings": True},
 }
+CONFIGS["smol-mha"] = dict(CONFIGS["smol"], num_key_value_heads=9)  # X rows of 576 = 4·128 + 64
 
 _MODELS: dict = {}
 
@@ -59,7 +66,8 @@ def packed_bytes(n: int, bits: int) -> int:
 def per_token_stream(n_lead: int, capacity: int, channels: int, bits: int, group: int, residual: int, dt: int) -> int:
     g = min(group, channels)
     codes = capacity * packed_bytes(channels, bits)
-    params = 2 * 2 * capacity * (channels // g)  # fp16 scale + zero, one pair per group of g channels per token
+    # fp16 scale + zero, one pair per group of g channels per token, the last group of a row ragged if g leaves one
+    params = 2 * 2 * capacity * math.ceil(channels / g)
     ring = dt * residual * channels
     return n_lead * (codes + params + ring)
 
@@ -142,6 +150,16 @@ BYTE_CASES = [
     ("gqa", "xquant-cl:bits=2,base_layers=2", 70),  # U_kv width 32 < hidden
     ("gqa-square", "xquant-cl:bits=3,base_bits=4,base_layers=4,group=32", 64),
     ("swa", "xquant-cl:bits=2", 200),
+    # Ragged per-token rows: value latents 192 = 128 + 64, X 576 = 4·128 + 64, U_kv rows 384 = 3·100 + 84, heads of
+    # 64 = 48 + 16, and groups of 7.
+    ("smol", "xquant:bits=4", 150),
+    ("smol", "xquant:bits=3,group=7,residual=0", 100),  # values 27·7 + 3; keys: capacity rounded to 105
+    ("smol", "xquant-cl:bits=2,base_layers=1,group=100", 70),  # U_kv rows of 384 = 3·100 + 84
+    ("smol", "kivi:bits=2,group=48,residual=96", 100),  # capacity rounded to 144
+    ("smol-mha", "xquant:bits=4", 150),
+    ("smol-mha", "xquant:bits=2,group=100,residual=0", 64),
+    ("smol-mha", "xquant-cl:bits=3,base_bits=4,base_layers=1", 70),
+    ("smol-mha", "kivi:bits=4,group=48,residual=48", 100),
 ]
 
 
@@ -226,6 +244,19 @@ BUILT = [
     ("gqa-square", "xquant-cl:bits=3,base_bits=4,base_layers=2,group=32"),
     ("swa", "kivi:bits=4,group=8,residual=8"),
     ("swa", "xquant:bits=4,group=8,residual=8"),
+    # Ragged per-token rows with every method's defaults where they are ragged (xquant, xquant-cl) or not, and groups
+    # that leave ragged heads; xquant-kv's shared layer stores scales and zeros but no codes.
+    ("smol", "xquant:bits=4"),
+    ("smol", "xquant:bits=2,group=7,residual=0"),
+    ("smol", "xquant-cl:base_layers=1"),
+    ("smol", "kivi"),
+    ("smol", "asymkv"),
+    ("smol", "xquant-kv"),
+    ("smol", "xquant-kv:group=48,residual=96"),
+    ("smol-mha", "xquant:bits=4"),
+    ("smol-mha", "xquant:bits=3,group=100,residual=0"),
+    ("smol-mha", "xquant-cl:bits=2,base_bits=4,base_layers=1"),
+    ("smol-mha", "kivi:bits=2,group=48,residual=96"),
 ]
 
 
@@ -244,7 +275,8 @@ def _stored_and_working(cache) -> tuple[int, int]:
             if stream.passthrough:
                 stored += stream.values.nbytes
             else:
-                stored += stream.codes.nbytes + stream.scale.nbytes + stream.zero.nbytes
+                codes = stream.codes.nbytes if stream.codes is not None else 0  # none in a layer that shares codes
+                stored += codes + stream.scale.nbytes + stream.zero.nbytes
                 working += stream.ring.nbytes
             accounted += sum(t.nbytes for t in stream.tensors())
         assert accounted == sum(t.nbytes for t in layer.tensors())
@@ -286,3 +318,28 @@ def test_xquant_cl_accounting_when_2kv_exceeds_hidden():
     stored, _ = _stored_and_working(cache)
     kv_bits_per_token = 16 * 2 * model.config.kv_dim * model.config.num_layers
     assert stored * 8 / cache.capacity / kv_bits_per_token == pytest.approx(cache.normalized_size(), rel=1e-12)
+
+
+def test_ragged_rows_count_one_scale_and_zero_per_group_they_hold():
+    """SmolLM2-135M itself (30 layers): ceil(C / G) pairs per row of C, the ragged last group a whole pair."""
+    smol = ModelConfig.from_dict(dict(CONFIGS["smol"], num_hidden_layers=30))
+    mha = ModelConfig.from_dict(dict(CONFIGS["smol-mha"], num_hidden_layers=30))
+    for bits in (2, 3, 4):
+        keys, values = bits + 32 / 128, bits + 32 * 2 / 192  # values: 128 + 64 channels, two pairs per 192
+        assert normalized_size(parse_spec(f"xquant:bits={bits}"), smol) == pytest.approx((keys + values) / 2 / 16)
+        x = bits + 32 * 5 / 576  # 4·128 + 64 channels, five pairs per 576
+        assert normalized_size(parse_spec(f"xquant:bits={bits}"), mha) == pytest.approx(576 * x / (2 * 576) / 16)
+    cl = parse_spec("xquant-cl:bits=2,base_bits=4,base_layers=3")
+    assert normalized_size(cl, mha) == pytest.approx((3 * (4 + 160 / 576) + 27 * (2 + 160 / 576)) / 30 / 32)
+    kivi = parse_spec("kivi:bits=2,group=48,residual=96")  # keys per 48 tokens; values 48 + 16 channels of a head
+    assert normalized_size(kivi, smol) == pytest.approx(((2 + 32 / 48) + (2 + 32 * 2 / 64)) / 2 / 16)
+
+
+@pytest.mark.parametrize("name, text", [case for case in BUILT if case[0].startswith("smol")])
+def test_plan_bytes_per_token_are_what_the_built_cache_stores(name, text):
+    """`xqinfer plan` sizes a cache from the config alone: per token, exactly the bytes a built one stores."""
+    model = _model(name, torch.float16)
+    cache = make_cache(text, model, 128)
+    stored, _ = _stored_and_working(cache)
+    assert bytes_per_token(parse_spec(text), model.config, torch.float16) * cache.capacity == pytest.approx(
+        stored, rel=1e-12)

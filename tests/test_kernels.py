@@ -2,8 +2,8 @@
 
 Without CUDA the Triton kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, set below before triton is
 imported); with CUDA they are compiled and run on the GPU with the same tolerances. The interpreter costs about a
-millisecond per Triton operation, so shapes are tiny (span <= 160, C <= 64, head_dim 32) and each case runs a
-handful of programs.
+millisecond per Triton operation, so shapes are tiny (span <= 160, C <= 64 but for SmolLM2's ragged 192, head_dim
+32) and each case runs a handful of programs.
 
 Accuracy is measured against the reference computed in fp32 from the same inputs (q, Mk, RoPE tables and ring
 values upcast; codes, scales and zeros as stored): the kernel's bf16 error is then its own (operands rounded to bf16
@@ -203,6 +203,12 @@ CASES = {
     "k4v3-fp32-ring": dict(key_bits=4, value_bits=3, span=96, length=70, dtype=torch.float32, override="ring"),
     "k4v4-eta": dict(key_bits=4, value_bits=2, span=64, length=60, eta=0.1, override="dense"),
     "k4v4-b2-nothing-allowed": dict(span=64, length=40, batch=2, batch_mask=True),
+    # ragged value rows: SmolLM2's 192 latents at G = 128 (128 + 64, whole 64-channel tiles), and 48 at G = 7 (six
+    # groups of 7 and one of 6, scales gathered per channel)
+    "k4v3-c192-g128-ragged-ring": dict(key_bits=4, value_bits=3, group=128, channels=192, span=128, length=120,
+                                       heads=3, override="ring"),
+    "k2v4-c48-g7-ragged-dense": dict(key_bits=2, value_bits=4, group=7, channels=48, span=56, length=50,
+                                     override="dense"),
 }
 
 
@@ -296,10 +302,13 @@ def test_integration_recipe_matches_the_cache_path(fused):
     assert _relative(out, expected) <= 1e-5
 
 
-def test_mha_x_attention():
-    """XQuant on MHA: X per token for both keys and values, K = RoPE(X̂·Wkᵀ); Wkᵀ passed as a strided view."""
+@pytest.mark.parametrize("heads, group", [(2, 32), (3, 64)], ids=["d64-g32", "d96-g64-ragged"])
+def test_mha_x_attention(heads, group):
+    """XQuant on MHA: X per token for both keys and values, K = RoPE(X̂·Wkᵀ); Wkᵀ passed as a strided view. A hidden
+    size of 96 at G = 64 makes every row ragged (64 + 32) on both sides."""
     g = torch.Generator().manual_seed(5)
-    batch, heads, head_dim, hidden, span, group, length = 2, 2, 32, 64, 96, 32, 90
+    batch, head_dim, span, length = 2, 32, 96, 90
+    hidden = heads * head_dim
     x = _latents((batch, span, hidden), g)
     xq = quant.quantize_per_token(x, 4, group)
     wk = torch.randn(heads * head_dim, hidden, generator=g) / math.sqrt(hidden)
@@ -443,30 +452,45 @@ def _decode_through_glue(monkeypatch, config, spec: str, capacity: int, prompt: 
     return errors
 
 
-def test_glue_gqa_decode_matches_the_layer(monkeypatch):
-    """Llama-tiny (GQA 8/4, head_dim 32, 2 layers): the fused decode of every layer equals XQuantGQALayer's torch
-    output (token 71: keys since position 64 and the 32 newest values from the rings)."""
+GLUE_GQA = {
+    # Llama-tiny (GQA 8/4, head_dim 32): token 71 reads keys since position 64 and the 32 newest values from the rings.
+    "llama-tiny": (dict(num_layers=2), "xquant:bits=3,group=32,residual=32"),
+    # A small SmolLM2-like GQA (6/3 heads of 32, kv_dim 96): value latent rows of 96 at G = 64 are ragged (64 + 32).
+    "ragged": (dict(num_layers=2, hidden_size=192, num_heads=6, num_kv_heads=3), "xquant:bits=3,group=64,residual=64"),
+}
+
+
+@pytest.mark.parametrize("case", list(GLUE_GQA))
+def test_glue_gqa_decode_matches_the_layer(monkeypatch, case):
+    """The fused decode of every layer equals XQuantGQALayer's torch output."""
     import dataclasses
 
     from xqinfer.cache.xquant import XQuantGQALayer
     from xqinfer.kernels.xquant_decode import gqa_decode, gqa_fusable
     from xqinfer.presets import preset_config
 
-    config = dataclasses.replace(preset_config("llama-tiny"), num_layers=2)
-    errors = _decode_through_glue(monkeypatch, config, "xquant:bits=3,group=32,residual=32", 256, 70, 1,
-                                  XQuantGQALayer, gqa_fusable, gqa_decode)
+    changes, spec = GLUE_GQA[case]
+    config = dataclasses.replace(preset_config("llama-tiny"), **changes)
+    errors = _decode_through_glue(monkeypatch, config, spec, 256, 70, 1, XQuantGQALayer, gqa_fusable, gqa_decode)
     assert max(errors) <= GLUE_TOLERANCE, errors
 
 
-def test_glue_mha_decode_matches_the_layer(monkeypatch):
-    """An MHA llama-tiny (8/8 heads, 2 layers): X per token, K = X̂·Wkᵀ, Wvᵀ applied per head after the kernel."""
+GLUE_MHA = {
+    "llama-tiny": dict(num_kv_heads=8, num_layers=2),  # 8/8 heads, hidden 256 at G = 64
+    "ragged": dict(hidden_size=96, num_heads=3, num_kv_heads=3, num_layers=2),  # X rows of 96 at G = 64: 64 + 32
+}
+
+
+@pytest.mark.parametrize("case", list(GLUE_MHA))
+def test_glue_mha_decode_matches_the_layer(monkeypatch, case):
+    """MHA: X per token, K = X̂·Wkᵀ, Wvᵀ applied per head after the kernel."""
     import dataclasses
 
     from xqinfer.cache.xquant import XQuantMHALayer
     from xqinfer.kernels.xquant_decode import mha_decode, mha_fusable
     from xqinfer.presets import preset_config
 
-    config = dataclasses.replace(preset_config("llama-tiny"), num_kv_heads=8, num_layers=2)
+    config = dataclasses.replace(preset_config("llama-tiny"), **GLUE_MHA[case])
     errors = _decode_through_glue(monkeypatch, config, "xquant:bits=4,group=64,residual=16", 256, 40, 1,
                                   XQuantMHALayer, mha_fusable, mha_decode)
     assert max(errors) <= GLUE_TOLERANCE, errors

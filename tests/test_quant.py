@@ -343,8 +343,7 @@ def test_validation_messages() -> None:
     for bad in (0, -1):
         with pytest.raises(ValueError, match=">= 1"):
             quantize_per_token(x, 2, bad)
-    with pytest.raises(ValueError, match="multiple"):
-        quantize_per_token(torch.randn(4, 48), 2, 32)
+    # Groups of channels may be ragged (tests/test_ragged.py); groups of tokens must tile them.
     with pytest.raises(ValueError, match="multiple"):
         quantize_per_channel(torch.randn(48, 4), 2, 32)
     with pytest.raises(ValueError, match="1, 2, 3, 4, 8"):

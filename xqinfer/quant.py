@@ -7,7 +7,7 @@ Every cache method calls into this module. METHODS.md section 1 is the specifica
 Layout conventions (x is ``[..., T, C]``: any leading dims, then tokens, then channels):
 
 * per-token  (``axis="token"``):   a group is ``g`` consecutive channels of one token.
-  ``codes [..., T, packed_size(C, b)]``, ``scale``/``zero`` ``[..., T, C // g]``.
+  ``codes [..., T, packed_size(C, b)]``, ``scale``/``zero`` ``[..., T, ceil(C / g)]``.
 * per-channel (``axis="channel"``): a group is ``g`` consecutive tokens of one channel.
   ``codes [..., T, packed_size(C, b)]``, ``scale``/``zero`` ``[..., T // g, C]``.
 
@@ -16,9 +16,16 @@ cache can preallocate ``[..., capacity, packed_size(C, b)]`` bytes whatever the 
 row ``t``, and quantizing tokens in blocks gives bit-identical bytes to quantizing them all at once.
 
 Group size: ``g = min(group, size of the grouped dim)`` (METHODS.md: "where G exceeds the dimension, the group is
-the whole dimension"). A grouped dimension that is not a multiple of ``g`` raises ``ValueError``; there are no
-ragged groups (every model dimension we meet is a multiple of the group sizes the papers use, and ragged groups
-would break the one-reshape vectorization).
+the whole dimension"). Channel ``c`` of a token belongs to group ``c // g``.
+
+Ragged groups (per token only): real widths are not always multiples of the group (SmolLM2's value latents are 192
+wide, its hidden size 576, against G = 128). A row of ``C`` channels then has ``ceil(C / g)`` groups, the last one
+shorter (192 channels with g = 128: one group of 128 and one of 64). :func:`to_groups` pads such a row with copies
+of its last element up to whole groups, which leaves the last group's min and max, hence its scale and zero,
+exactly those of its own elements; :func:`from_groups` drops the padding again. When ``g`` divides ``C`` nothing is
+padded: the grouped view is the one reshape it always was (same ops, same results). Per channel, groups of tokens
+must tile ``T`` (a cache rounds its capacity to a multiple of the group), and a ``T`` that is not a multiple of
+``g`` raises ``ValueError``.
 
 Storage rounding (a decision this module owns): scale and zero are stored in ``scale_dtype`` (fp16 by default,
 or the model dtype). The stored zero is ``min(g)`` rounded *down* to that dtype and the stored scale is
@@ -62,6 +69,7 @@ __all__ = [
     "from_groups",
     "group_dim",
     "effective_group",
+    "group_count",
     "minmax_params",
     "quantize_codes",
     "dequantize_codes",
@@ -104,23 +112,38 @@ def _levels(bits: int) -> int:
 # --------------------------------------------------------------------------------------------- grouping
 
 
-def effective_group(size: int, group: int) -> int:
-    """The group size actually used along a dimension of ``size``: ``min(group, size)``.
+def effective_group(size: int, group: int, axis: Axis) -> int:
+    """The group size actually used along a grouped dimension of ``size``: ``min(group, size)``.
 
-    Raises ``ValueError`` when ``size`` is not a multiple of it (no ragged groups).
+    Per token the last group of a row may be shorter (ragged); per channel the groups must tile the tokens, and a
+    ``size`` that is not a multiple of the group raises ``ValueError``.
     """
-    _check_group(group)
-    g = min(group, size) if size > 0 else group
-    if size % g != 0:
+    _check_axis(axis)
+    g = _clipped(size, group)
+    if axis == "channel" and size % g != 0:
         raise ValueError(
-            f"dimension of size {size} is not a multiple of the group size {g}; "
-            f"choose a group that divides {size} (ragged groups are not supported)"
+            f"dimension of size {size} is not a multiple of the group size {g}; groups of tokens must tile it "
+            f"(choose a group that divides {size})"
         )
     return g
 
 
+def group_count(size: int, group: int) -> int:
+    """Groups along a dimension of ``size``: ``ceil(size / g)``, ``g = min(group, size)`` (the last one ragged when
+    ``g`` does not divide ``size``). The number of scale/zero columns of a per-token row of ``size`` channels."""
+    return -(-size // _clipped(size, group))
+
+
+def _clipped(size: int, group: int) -> int:
+    _check_group(group)
+    return min(group, size) if size > 0 else group
+
+
 def group_dim(axis: Axis) -> int:
-    """The dimension of a grouped view (see :func:`to_groups`) that one group spans: -1 per token, -2 per channel."""
+    """The dimension of a grouped view (see :func:`to_groups`) that one group spans: -1 per token, -2 per channel.
+
+    Also the dimension of ``x [..., T, C]`` that is grouped: channels per token, tokens per channel.
+    """
     _check_axis(axis)
     return -1 if axis == "token" else -2
 
@@ -128,28 +151,39 @@ def group_dim(axis: Axis) -> int:
 def to_groups(x: Tensor, group: int, axis: Axis) -> Tensor:
     """View ``x [..., T, C]`` so that each quantization group lies along :func:`group_dim` ``(axis)``.
 
-    * ``axis="token"``:   ``[..., T, C // g, g]``  (groups along dim -1)
-    * ``axis="channel"``: ``[..., T // g, g, C]``  (groups along dim -2)
+    * ``axis="token"``:   ``[..., T, ceil(C / g), g]``  (groups along dim -1)
+    * ``axis="channel"``: ``[..., T // g, g, C]``       (groups along dim -2)
 
-    A view (no copy) when ``x`` is contiguous in its last two dims.
+    A view (no copy) when ``x`` is contiguous in its last two dims and ``g`` divides ``C``. A ragged row (per token,
+    ``g`` not dividing ``C``) is padded with copies of its last element, which leave the last group's min and max
+    unchanged; :func:`from_groups` with the true ``C`` drops them.
     """
     _check_axis(axis)
     if x.dim() < 2:
         raise ValueError(f"expected a tensor [..., T, C] with at least 2 dims; got shape {tuple(x.shape)}")
     *lead, t, c = x.shape
     if axis == "token":
-        g = effective_group(c, group)
-        return x.reshape(*lead, t, c // g, g)
-    g = effective_group(t, group)
+        g = effective_group(c, group, axis)
+        pad = (-c) % g
+        if pad:  # ragged: fill the last group with copies of one of its own elements, which move neither end
+            x = torch.cat((x, x[..., -1:].expand(*lead, t, pad)), dim=-1)
+        return x.reshape(*lead, t, (c + pad) // g, g)
+    g = effective_group(t, group, axis)
     return x.reshape(*lead, t // g, g, c)
 
 
-def from_groups(xg: Tensor, axis: Axis) -> Tensor:
-    """Inverse of :func:`to_groups`: back to ``[..., T, C]``."""
+def from_groups(xg: Tensor, axis: Axis, size: int | None = None) -> Tensor:
+    """Inverse of :func:`to_groups`: back to ``[..., T, C]``.
+
+    ``size``: the size of the grouped dimension (``x.shape[group_dim(axis)]`` of the tensor that was grouped: ``C``
+    per token), which drops the padding of a ragged last group (a view); None keeps every element.
+    """
     _check_axis(axis)
-    if axis == "token":
-        return xg.flatten(-2)
-    return xg.flatten(-3, -2)
+    dim = group_dim(axis)
+    x = xg.flatten(-2) if axis == "token" else xg.flatten(-3, -2)
+    if size is None or x.shape[dim] == size:
+        return x
+    return x.narrow(dim, 0, size)
 
 
 # --------------------------------------------------------------------------------------------- core math
@@ -388,7 +422,7 @@ class Quantized:
     """
 
     codes: Tensor  # packed uint8 [..., T, packed_size(channels, bits)]
-    scale: Tensor  # [..., T, C // group] per token, [..., T // group, C] per channel
+    scale: Tensor  # [..., T, ceil(C / group)] per token, [..., T // group, C] per channel
     zero: Tensor  # same shape and dtype as scale
     bits: int
     group: int  # the effective group size (already min(group, dim))
@@ -419,7 +453,7 @@ def _quantize(
     xg = to_groups(_cast(x, torch.float32), group, axis)
     dim = group_dim(axis)
     scale, zero = minmax_params(xg, bits, scale_dtype, dim=dim)
-    codes = from_groups(quantize_codes(xg, scale, zero, bits), axis)
+    codes = from_groups(quantize_codes(xg, scale, zero, bits), axis, x.shape[dim])
     return Quantized(
         codes=packer.pack(codes, in_range=True),  # quantize_codes clamps them
         scale=scale.squeeze(dim),
@@ -442,9 +476,10 @@ def quantize_per_token(
 ) -> Quantized:
     """Quantize ``x [..., T, C]`` with groups of ``group`` consecutive channels of each token.
 
-    Returns codes ``[..., T, packed_size(C, bits)]`` and scale/zero ``[..., T, C // g]``, ``g = min(group, C)``.
-    Tokens are independent, so quantizing them one at a time gives identical results. ``packer``: a
-    :class:`BitPacker` for ``bits`` made in advance (a cache's); by default one is made for the call.
+    Returns codes ``[..., T, packed_size(C, bits)]`` and scale/zero ``[..., T, ceil(C / g)]``, ``g = min(group, C)``;
+    when ``g`` does not divide ``C``, the last group of each row is the ``C mod g`` channels left (ragged). Tokens
+    are independent, so quantizing them one at a time gives identical results. ``packer``: a :class:`BitPacker`
+    for ``bits`` made in advance (a cache's); by default one is made for the call.
     """
     return _quantize(x, bits, group, "token", scale_dtype, packer)
 
@@ -480,7 +515,7 @@ def dequantize(
     out = dequantize_codes(
         cg, q.scale.unsqueeze(dim), q.zero.unsqueeze(dim), q.bits, torch.float32, eta=eta
     )
-    return _cast(from_groups(out, q.axis), dtype if dtype is not None else q.dtype)
+    return _cast(from_groups(out, q.axis, codes.shape[dim]), dtype if dtype is not None else q.dtype)
 
 
 def fake_quantize(
@@ -499,7 +534,8 @@ def fake_quantize(
     _check_bits(bits)
     _check_group(group)
     xg = to_groups(_cast(x, torch.float32), group, axis)
-    scale, zero = minmax_params(xg, bits, scale_dtype, dim=group_dim(axis))
+    dim = group_dim(axis)
+    scale, zero = minmax_params(xg, bits, scale_dtype, dim=dim)
     codes = quantize_codes(xg, scale, zero, bits)
     out = dequantize_codes(codes, scale, zero, bits, torch.float32, eta=eta)
-    return _cast(from_groups(out, axis), x.dtype)
+    return _cast(from_groups(out, axis, x.shape[dim]), x.dtype)

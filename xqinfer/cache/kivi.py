@@ -65,9 +65,10 @@ class KVQuantCache(Cache):
         if FULL_PRECISION in (key_bits, value_bits):
             return float(torch.finfo(dtype).bits)
         group = spec.options["group"]
-        # Keys: groups of tokens, never limited by a dimension; values: groups of channels within a head.
+        # Keys: groups of tokens, which tile the capacity; values: groups of channels within a head (ragged when the
+        # group does not divide head_dim).
         keys = stored_bits(0 if cls.shares_key_codes(spec, index) else key_bits, group)
-        values = stored_bits(0 if cls.shares_value_codes(spec, index) else value_bits, min(group, config.head_dim))
+        values = stored_bits(0 if cls.shares_value_codes(spec, index) else value_bits, group, config.head_dim)
         return (keys + values) / 2
 
     @classmethod

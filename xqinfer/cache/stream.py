@@ -5,7 +5,8 @@ per-token X stream (MHA) or the X·Uk / X·Uv latent streams (GQA), XQuant-CL on
 
 Layout (capacity slots, slot = position % capacity, the same slots as the cache's `slot_positions`):
 - `codes` [..., capacity, packed_size(C, bits)] uint8, one packed row per token whatever the axis;
-- `scale`, `zero` [..., capacity, C // g] per token, or [..., capacity // g, C] per channel (group slot = slot // g);
+- `scale`, `zero` [..., capacity, ceil(C / g)] per token (the last group of a row ragged when g does not divide C),
+  or [..., capacity // g, C] per channel (group slot = slot // g; the capacity is a multiple of g);
 - `ring` [..., R_f, C] in the model dtype: the newest tokens in full precision, slot = position % R_f.
 
 Which tokens are read back in full precision (METHODS.md sections 1 and 4):
@@ -73,7 +74,7 @@ class QuantStream:
             return
         grouped = channels if axis == "token" else capacity
         try:
-            self.group = quant.effective_group(grouped, group)
+            self.group = quant.effective_group(grouped, group, axis)
         except ValueError as exc:
             raise CacheSpecError(str(exc)) from None
         if axis == "channel" and residual % self.group:
@@ -83,7 +84,8 @@ class QuantStream:
         self.codes = None if codes_from is not None else torch.zeros(
             *lead, capacity, quant.packed_size(channels, bits), dtype=torch.uint8, device=device
         )
-        params = (capacity, channels // self.group) if axis == "token" else (capacity // self.group, channels)
+        params = ((capacity, quant.group_count(channels, self.group)) if axis == "token"
+                  else (capacity // self.group, channels))
         self.scale = torch.zeros(*lead, *params, dtype=scale_dtype, device=device)
         self.zero = torch.zeros(*lead, *params, dtype=scale_dtype, device=device)
         # Per channel, the open group's tokens must stay somewhere until it closes, even with residual=0.
@@ -130,7 +132,7 @@ class QuantStream:
         grouped = quant.to_groups(codes, self.group, self.axis)
         values = quant.dequantize_codes(grouped, scale.unsqueeze(dim), zero.unsqueeze(dim), self.bits, self.dtype,
                                         eta=self.eta)
-        values = quant.from_groups(values, self.axis)
+        values = quant.from_groups(values, self.axis, codes.shape[dim])
         if self.ring_size == 0:
             return values
         if self.ring_size > span:
@@ -186,23 +188,25 @@ class QuantStream:
         """y [..., T, C] as the `sim` protocol reads it: quantized and dequantized, groups from y's first token.
 
         A trailing per-channel group shorter than G is quantized over the tokens it has (padding with copies of its
-        last token leaves its min and max, hence its scale and zero, unchanged).
+        last token leaves its min and max, hence its scale and zero, unchanged), as `quant.to_groups` does for the
+        ragged last group of a per-token row.
         """
         if self.passthrough:
             return y
-        count = y.shape[-2]
-        pad = (-count) % self.group if self.axis == "channel" else 0
+        dim = quant.group_dim(self.axis)
+        size = y.shape[dim]  # of the grouped dimension, before any padding
+        pad = (-size) % self.group if self.axis == "channel" else 0
         if pad:
             y = torch.cat((y, y[..., -1:, :].expand(*y.shape[:-2], pad, y.shape[-1])), dim=-2)
         grouped = quant.to_groups(y, self.group, self.axis)
-        scale, zero = quant.minmax_params(grouped, self.bits, self.scale_dtype, dim=quant.group_dim(self.axis))
+        scale, zero = quant.minmax_params(grouped, self.bits, self.scale_dtype, dim=dim)
         if self.codes_from is not None:
             codes = self.codes_from.last_simulated_codes
         else:
             codes = quant.quantize_codes(grouped, scale, zero, self.bits)
         self.last_simulated_codes = codes
         out = quant.dequantize_codes(codes, scale, zero, self.bits, torch.float32, eta=self.eta)
-        return quant.from_groups(out, self.axis)[..., :count, :].to(y.dtype)
+        return quant.from_groups(out, self.axis, size).to(y.dtype)
 
     # ------------------------------------------------------------------------------------------------ write
 
@@ -294,7 +298,9 @@ class QuantStream:
         # ring. All of them are quantized (a static number of groups), but only those that close are stored.
         g, ring = self.group, self.ring_size
         count = y.shape[-2]
-        groups = (count + g - 2) // g + 1
+        # At most the buffer's groups (a chunk never touches more): a longer window would wrap onto its own first
+        # slots, and the store of a group left open there would undo that of a group that closed.
+        groups = min((count + g - 2) // g + 1, self.capacity // g)
         first = positions[0]
         start = first - first % g
         window = start + torch.arange(groups * g, device=positions.device)
@@ -334,6 +340,14 @@ def _masked_store(buffer: Tensor, slots: Tensor, values: Tensor, keep: Tensor) -
     buffer.index_copy_(-2, slots, torch.where(keep, values, current))
 
 
-def stored_bits(bits: int, group: int, param_bits: int = 16) -> float:
-    """Bits per element of a group-quantized tensor: the code plus its group's scale and zero."""
-    return bits + 2 * param_bits / group
+def stored_bits(bits: int, group: int, width: int | None = None, param_bits: int = 16) -> float:
+    """Bits per element of a group-quantized tensor: the code plus its share of its group's scale and zero.
+
+    `width`: the channels of a per-token row, which holds `quant.group_count(width, group)` groups (the last one
+    ragged when the group does not divide it, `min(group, width)` when the group exceeds it). None: groups that
+    tile their dimension (per channel: a cache's capacity is a multiple of the group).
+    """
+    if width is None:
+        return bits + 2 * param_bits / group
+    # Integer numerator and denominator: exactly 2·param_bits/g (the same float) when g divides the width.
+    return bits + 2 * param_bits * quant.group_count(width, group) / width

@@ -55,11 +55,11 @@ class XQuantCache(Cache):
             cached = config.hidden_size if not config.is_gqa else 2 * latent_width(config)
             return cached * torch.finfo(dtype).bits / (2 * config.kv_dim)
         if not config.is_gqa:
-            per_token = config.hidden_size * stored_bits(o["bits"], min(o["group"], config.hidden_size))
+            per_token = config.hidden_size * stored_bits(o["bits"], o["group"], config.hidden_size)
             return per_token / (2 * config.kv_dim)
         width = latent_width(config)
-        keys = stored_bits(o["bits"], o["group"])
-        values = stored_bits(o["bits"], min(o["group"], width))
+        keys = stored_bits(o["bits"], o["group"])  # groups of tokens: they tile the capacity
+        values = stored_bits(o["bits"], o["group"], width)  # groups of channels: the last one may be ragged
         if o["outlier"]:
             # Channel 0 of X·Uk stays in 16 bits instead of its share of codes, scales and zeros.
             keys = ((width - 1) * keys + 16) / width

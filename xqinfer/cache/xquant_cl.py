@@ -57,7 +57,7 @@ class XQuantCLCache(Cache):
         if bits == FULL_PRECISION:
             per_element = float(torch.finfo(dtype).bits)
         else:
-            per_element = stored_bits(bits, min(o["group"], width))
+            per_element = stored_bits(bits, o["group"], width)
         return width * per_element / (2 * config.kv_dim)
 
     @classmethod

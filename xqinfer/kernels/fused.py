@@ -104,9 +104,12 @@ def _latent_tile(
     """Dequantized latents [N, CH] (fp32, codes·s + z) of tokens `tok` = t0 + [0, N) and channels `chan` of seq `b`.
 
     PER_CHANNEL: one scale/zero per GROUP tokens of a channel ([B, span/G, C]); otherwise per GROUP channels of a
-    token ([B, span, C/G]). Tokens flagged recent in the override take their exact (full-precision) rows instead.
+    token ([B, span, ceil(C/G)]: channel c's group is c // GROUP, and the last group of a row is ragged when GROUP
+    does not divide C). Tokens flagged recent in the override take their exact (full-precision) rows instead.
     Tiles start at multiples of their size, so when a group covers whole tiles (the usual G = 128 case) the scales
-    of a tile are one row (per channel) or one column (per token): a vector load instead of a 2-D gather.
+    of a tile are one row (per channel) or one column (per token): a vector load instead of a 2-D gather. A ragged last
+    group leaves every group boundary at a multiple of GROUP, so a tile still never straddles two groups (its
+    channels past C are masked).
     """
     ok = tok_ok[:, None] & c_ok[None, :]
     codes = _unpack(codes_ptr + b * stride_cb + tok * stride_ct, tok_ok, c0, chan, ok, ROW_BYTES, BITS, BLOCK_N,

@@ -5,6 +5,7 @@ value projection, from the cache's raw buffers instead of from `QuantStream.read
 
     L̂k = dequantize(key codes)   (per channel: one scale/zero per G tokens of a channel)   [B, span, C]
     L̂v = dequantize(value codes) (per token: one scale/zero per G channels of a token)    [B, span, C]
+         (channel c's group is c // G: a token has ceil(C / G) groups, the last one ragged when G does not divide C)
     recent tokens (the full-precision residual window) are taken from `exact` instead      (Override)
     K  = RoPE(L̂k · Mk)            split per KV head                                         [B, Hkv, span, D]
     p  = softmax(q·Kᵀ / sqrt(D))  under the mask, the GQA group of query heads per KV head   [B, H, span]
@@ -69,7 +70,8 @@ class QuantizedHistory:
 
     * ``codes`` [B, span, packed_size(C, bits)] uint8, as `quant.pack` lays them out (one row per token).
     * ``scale``, ``zero``: per channel (keys with ``key_axis="channel"``) [B, span // G, C]; per token (values, and
-      keys with ``key_axis="token"``) [B, span, C // G]. fp16 as stored (any float dtype works).
+      keys with ``key_axis="token"``) [B, span, ceil(C / G)] (the last group of a row ragged when G does not divide
+      C, as `quant.to_groups` makes it). fp16 as stored (any float dtype works).
     * ``bits``: the code width, one of `quant.BITS`.
     * ``override``: the stream's residual window (`Override`); None when every token is read from its codes.
     """
@@ -167,13 +169,13 @@ def check_inputs(q: Tensor, keys: QuantizedHistory, values: QuantizedHistory, mk
             raise ValueError(f"{name}.codes must be uint8 {expected} (C={channels} from mk, {history.bits} bits); "
                              f"got {history.codes.dtype} {tuple(history.codes.shape)}")
     if key_axis == "channel":
-        key_group = quant.effective_group(span, group)
+        key_group = quant.effective_group(span, group, "channel")
         key_params = (batch, span // key_group, channels)
     else:
-        key_group = quant.effective_group(channels, group)
-        key_params = (batch, span, channels // key_group)
-    value_group = quant.effective_group(channels, group)
-    value_params = (batch, span, channels // value_group)
+        key_group = quant.effective_group(channels, group, "token")
+        key_params = (batch, span, quant.group_count(channels, key_group))
+    value_group = quant.effective_group(channels, group, "token")
+    value_params = (batch, span, quant.group_count(channels, value_group))
     for name, history, expected in (("keys", keys, key_params), ("values", values, value_params)):
         for field, t in (("scale", history.scale), ("zero", history.zero)):
             if tuple(t.shape) != expected:
@@ -206,7 +208,7 @@ def _read(history: QuantizedHistory, group: int, axis: str, channels: int, dtype
     grouped = quant.to_groups(unpacked, group, axis)
     values = quant.dequantize_codes(grouped, history.scale.unsqueeze(dim), history.zero.unsqueeze(dim), history.bits,
                                     dtype, eta=eta)
-    values = quant.from_groups(values, axis)
+    values = quant.from_groups(values, axis, unpacked.shape[dim])
     override = history.override
     if override is None:
         return values
@@ -232,7 +234,8 @@ def latent_attention_reference(q: Tensor, keys: QuantizedHistory, values: Quanti
     * ``mask`` bool [span], [1, span] or [B, span]: True where token ``j`` is attended (``step.mask`` of a
       decode step). Masked slots may hold anything, even codes whose scale is inf or NaN.
     * ``group``: the spec's group size; the effective group follows `quant.effective_group` (``min(G, span)``
-      tokens per channel group, ``min(G, C)`` channels per token group). ``span`` must be a multiple of it.
+      tokens per channel group, ``min(G, C)`` channels per token group). ``span`` must be a multiple of the former;
+      the last group of a per-token row may be shorter (ragged).
     * ``eta``: XQuant-KV's calibration of the dequantization (`quant.calibrated_params`).
     * ``config``: tiling of the fused kernel; ignored here.
 
