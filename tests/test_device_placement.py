@@ -27,7 +27,7 @@ PROMPT, STEPS = 250, 10
 def meta_model(shape: str) -> Transformer:
     config = ModelConfig.from_dict(SHAPES[shape])
     with DEVICE:
-        model = Transformer(config).to(torch.bfloat16)
+        model = Transformer(config, Rotary(config, DEVICE)).to(torch.bfloat16)
     model.rotary = Rotary(config, DEVICE)  # the loader builds RoPE's float32 frequencies on the model's device
     return model.eval()
 

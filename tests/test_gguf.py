@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -318,3 +322,38 @@ def test_every_method_with_its_defaults_runs_on_the_real_model(smollm2, method, 
         report = perplexity(smollm2, text, [method], ctx=96, protocol=protocol, chunk=32, limit=1)
         row = report.rows()[-1]
         assert row["spec"].startswith(method) and math.isfinite(row["ppl"]) and row["ppl"] > 1
+
+
+GGUF_MEMORY_PROBE = """
+import json, sys
+import torch
+from xqinfer.formats import open_checkpoint
+from xqinfer.loader import load_checkpoint
+
+def status():
+    with open("/proc/self/status") as handle:
+        return {k: int(v.split()[0]) * 1024 for k, _, v in (line.partition(":") for line in handle)
+                if k in ("VmHWM", "VmRSS")}
+
+checkpoint = open_checkpoint(sys.argv[1])
+with open("/proc/self/clear_refs", "w") as handle:
+    handle.write("5")  # VmHWM := VmRSS
+before = status()
+model = load_checkpoint(checkpoint, torch.float32, "cpu")
+after = status()
+weights = sum(p.nbytes for p in model.parameters())
+print(json.dumps({"increase": after["VmHWM"] - before["VmRSS"], "weights": weights}))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs /proc/self/clear_refs (Linux)")
+def test_loading_the_real_gguf_peaks_near_the_dequantized_weights():
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-c", GGUF_MEMORY_PROBE, str(_need_smollm2())], capture_output=True,
+                            text=True, env=env, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    ratio = report["increase"] / report["weights"]
+    print(f"\nGGUF load peak: +{report['increase'] / 2**20:.0f} MiB for {report['weights'] / 2**20:.0f} MiB of fp32 "
+          f"weights (ratio {ratio:.2f})")
+    assert 0.8 < ratio < 1.3, f"loading peaked at {ratio:.2f}x the dequantized weights"

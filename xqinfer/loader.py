@@ -171,10 +171,11 @@ def _check_names(source: WeightSource, config: ModelConfig, expected: dict[str, 
 
 def _assemble(config: ModelConfig, parameters: dict[str, torch.Tensor], device: torch.device | str) -> Transformer:
     # Built on the meta device so no throwaway initialization is allocated; the tensors are adopted as they are.
+    # RoPE's float32 frequencies are computed on the model's device, outside it.
+    rotary = Rotary(config, device)
     with torch.device("meta"):
-        model = Transformer(config)
+        model = Transformer(config, rotary)
     model.load_state_dict(parameters, strict=True, assign=True)
-    model.rotary = Rotary(config, device)
     return model.eval()
 
 

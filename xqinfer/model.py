@@ -111,16 +111,19 @@ class Transformer(nn.Module):
     """Parameter names follow the Hugging Face checkpoint layout, except the fused `qkv_proj` (q|k|v rows) and
     `gate_up_proj` (gate|up rows) that the loader builds from the checkpoint's separate projections."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, rotary: Rotary) -> None:
         super().__init__()
         self.config = config
         self.model = nn.Module()
-        self.model.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # Given its (empty) weight, the embedding skips its random init: on the meta device, where the loader builds
+        # the model, that init alone would load torch's meta kernels (~2.5 s, once per process).
+        self.model.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
+                                               _weight=torch.empty(config.vocab_size, config.hidden_size))
         self.model.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.model.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         if not config.tie_word_embeddings:
             self.lm_head = Linear(config.hidden_size, config.vocab_size)
-        self.rotary = Rotary(config)
+        self.rotary = rotary
 
     @property
     def layers(self) -> nn.ModuleList:
