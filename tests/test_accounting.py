@@ -343,3 +343,22 @@ def test_plan_bytes_per_token_are_what_the_built_cache_stores(name, text):
     stored, _ = _stored_and_working(cache)
     assert bytes_per_token(parse_spec(text), model.config, torch.float16) * cache.capacity == pytest.approx(
         stored, rel=1e-12)
+
+
+MHA_TINY = {"architectures": ["LlamaForCausalLM"], "vocab_size": 300, "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 4,
+            "max_position_embeddings": 256}
+REFUSED_ON_MHA_TINY = ["xquant-cl:base_layers=5", "xquant:outlier=1", "asymkv:lk=9", "xquant-kv:km=5"]
+
+
+@pytest.mark.parametrize("text", REFUSED_ON_MHA_TINY)
+def test_plan_refuses_every_spec_that_building_the_cache_refuses(text):
+    from xqinfer.errors import CacheSpecError
+    from xqinfer.plan import plan
+
+    config = ModelConfig.from_dict(MHA_TINY)
+    with pytest.raises(CacheSpecError) as built:
+        make_cache(text, random_model(config, torch.float32, "cpu"), 32)
+    with pytest.raises(CacheSpecError) as planned:
+        plan(config, [text], memory=2**30, context=32)
+    assert str(planned.value) == str(built.value)

@@ -40,11 +40,15 @@ class XQuantCache(Cache):
     def capacity_multiple(self) -> int:
         return self.spec.options["group"] if self.config.is_gqa else 1
 
+    @classmethod
+    def resolve(cls, spec: CacheSpec, config) -> CacheSpec:
+        if spec.options["outlier"] and not config.is_gqa:
+            refuse(spec, "outlier=1 keeps channel 0 of the GQA latents X·Uk and this model is MHA "
+                         "(accepted here: outlier=0)")
+        return spec
+
     def make_layer(self, index: int, model) -> LayerCache:
         if not self.config.is_gqa:
-            if self.spec.options["outlier"]:
-                refuse(self.spec, "outlier=1 keeps channel 0 of the GQA latents X·Uk and this model is MHA "
-                                  "(accepted here: outlier=0)")
             return XQuantMHALayer(self, index, model.layers[index].self_attn)
         return XQuantGQALayer(self, index, model.layers[index].self_attn)
 

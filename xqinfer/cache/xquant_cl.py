@@ -29,14 +29,18 @@ class XQuantCLCache(Cache):
     }
 
     def __init__(self, spec: CacheSpec, model, *args, **kwargs) -> None:
-        layers = model.config.num_layers
-        if spec.options["base_layers"] > layers:
-            refuse(spec, f"base_layers={spec.options['base_layers']} exceeds the model's {layers} layers "
-                         f"(accepted: 1..{layers})")
         # X̂ of the previous layer, for the stored slots and for this step's new tokens.
         self.previous_history: Tensor | None = None
         self.previous_new: Tensor | None = None
         super().__init__(spec, model, *args, **kwargs)
+
+    @classmethod
+    def resolve(cls, spec: CacheSpec, config) -> CacheSpec:
+        layers = config.num_layers
+        if spec.options["base_layers"] > layers:
+            refuse(spec, f"base_layers={spec.options['base_layers']} exceeds the model's {layers} layers "
+                         f"(accepted: 1..{layers})")
+        return spec
 
     @property
     def always_concat(self) -> bool:
