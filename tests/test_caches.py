@@ -21,7 +21,7 @@ from xqinfer.cache.base import EMPTY_SLOT, CacheSpec, parse_spec
 from xqinfer.cache.stream import FULL_PRECISION, QuantStream
 from xqinfer.config import ModelConfig
 from xqinfer.engine import Engine
-from xqinfer.errors import CacheSpecError
+from xqinfer.errors import CacheSpecError, XQInferWarning
 from xqinfer.loader import random_model
 from xqinfer.sampling import SamplingParams
 
@@ -484,6 +484,9 @@ PARSE_REFUSALS = [
     ("kivi:prerope=2", ["prerope", "accepted", "0, 1"]),
     ("xquant-cl:base_layers=0", ["base_layers", "accepted", ">= 1"]),
     ("fp16:bits=4", ["bits", "accepted"]),
+    # A repeated key used to keep its last value silently (`bits=2,bits=4` ran 4-bit).
+    ("kivi:bits=2,bits=4", ["kivi", "'bits'", "more than once"]),
+    ("xquant:group=32, group=32", ["'group'", "more than once"]),
 ]
 
 
@@ -524,6 +527,35 @@ def test_base_layers_up_to_the_layer_count_is_accepted():
 def test_engine_refuses_bad_specs_too(text):
     with pytest.raises(CacheSpecError):
         Engine(_model("mha"), text, capacity=32)
+
+
+@pytest.mark.parametrize("name, spec, residual", [
+    ("mha", "kivi:group=8,residual=100000", 80),  # capacity 72 (70 in whole groups of 8) + one group
+    ("gqa", "xquant:group=8,residual=100000", 80),  # per-channel latents: the same
+    ("mha", "xquant:residual=100000", 71),  # per token (MHA): capacity 70 + 1
+])
+def test_a_residual_beyond_the_capacity_is_clamped_with_a_warning_and_changes_nothing(name, spec, residual):
+    model = _model(name)
+    with pytest.warns(XQInferWarning, match=f"residual=100000 is longer than .*using residual={residual}"):
+        clamped = Engine(model, spec, capacity=70)
+    exact = Engine(model, spec.replace("100000", str(residual)), capacity=70)
+    assert clamped.spec.options["residual"] == 100000  # the spec stays as written: reports show what was asked
+    assert clamped.cache.residual == residual and clamped.cache.nbytes() == exact.cache.nbytes()
+    prompt = _tokens(name, 30)
+    a, b = clamped.prefill(prompt), exact.prefill(prompt)
+    assert torch.equal(a, b)
+    for _ in range(39):  # up to the last position the capacity holds
+        token = a.argmax(dim=-1)
+        a, b = clamped.decode(token), exact.decode(token)
+        assert torch.equal(a, b)
+
+
+def test_the_default_residual_is_clamped_quietly_and_a_ring_is_left_alone(recwarn):
+    short = Engine(_model("mha"), "kivi:group=8", capacity=16)  # default residual=128, a 16-token run
+    assert short.cache.residual == 24
+    ring = Engine(_model("swa"), "kivi:group=8,residual=1000", capacity=160)
+    assert ring.cache.is_ring and ring.cache.residual == 1000
+    assert not [w for w in recwarn if issubclass(w.category, XQInferWarning)]
 
 
 # ------------------------------------------------------------------------------------------- edge configurations

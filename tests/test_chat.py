@@ -27,6 +27,7 @@ import xqinfer
 from xqinfer.api import Session
 from xqinfer.chat import ChatREPL
 from xqinfer.engine import Engine
+from xqinfer.errors import ContextError
 from xqinfer.sampling import SamplingParams
 
 from conftest import SHARED
@@ -184,6 +185,28 @@ def test_set_changes_settings_and_rejects_bad_values(stories, monkeypatch):
     assert "temperature = 0.5" in out and "max_tokens = 7" in out
     assert "cannot set top_p" in err and "cannot set seed" in err
     assert err.count("usage: /set KEY VALUE") == 2
+
+
+def test_a_bad_set_value_is_an_error_and_the_chat_goes_on(stories, monkeypatch):
+    # A seed beyond 64 bits used to pass /set and then end the chat with an internal error at the next reply.
+    chat, out, err = repl(stories, monkeypatch, ["/set seed 99999999999999999999999", "/set seed -1",
+                                                 "/set max_tokens 0", "/set max_tokens -3", "Once upon a time"])
+    assert chat.sampling.seed == GREEDY.seed and chat.max_tokens == MAX_TOKENS
+    assert err.count("cannot set seed") == 2 and "seed must be in 0..18446744073709551615" in err
+    assert err.count("cannot set max_tokens") == 2 and "max_tokens must be at least 1" in err
+    assert [m["role"] for m in chat.session.messages] == ["user", "assistant"]  # the turn after them ran
+
+
+@pytest.mark.parametrize("capacity, fragment", [
+    (0, "capacity must be at least 1 token, got 0"),
+    (-5, "capacity must be at least 1 token, got -5"),
+    (10**6, "a capacity of 1000000 tokens is beyond the model's 512 positions"),
+    (2.5, "capacity must be a whole number of tokens"),
+])
+def test_session_refuses_a_capacity_it_cannot_give(stories, capacity, fragment):
+    with pytest.raises(ContextError) as info:
+        Session(stories, "fp16", capacity=capacity)
+    assert fragment in str(info.value)
 
 
 def test_undecodable_input_is_ignored(stories, monkeypatch):

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import xqinfer
+import xqinfer.plan
 from xqinfer import cli
 from xqinfer.sampling import SamplingParams
 
@@ -268,6 +269,13 @@ def test_prompt_file_is_read_as_the_prompt(tmp_path, monkeypatch, capsys, single
     assert prompt_file.read_text(encoding="utf-8") == PROMPT
 
 
+def test_a_bom_at_the_start_of_a_prompt_file_is_not_part_of_the_prompt(tmp_path):
+    # Some editors start a UTF-8 file with a BOM: read as U+FEFF, it would be a first token of the prompt.
+    prompt_file = tmp_path / "prompt.txt"
+    prompt_file.write_bytes(b"\xef\xbb\xbf" + PROMPT.encode("utf-8"))
+    assert cli.read_prompt(None, prompt_file) == PROMPT
+
+
 # --- bad inputs -----------------------------------------------------------------------------------------------------
 # Each case: (tmp_path) -> (argv, substrings the message must contain). Everything the case creates lives in tmp_path,
 # which is compared byte for byte before and after the failing run.
@@ -417,6 +425,36 @@ def case_chat_bad_cache(tmp_path):
     return ["chat", need_stories(), "--cache", "nope"], ["nope"]
 
 
+def case_repeated_cache(tmp_path):
+    # A command that runs one cache refuses a second --cache rather than keeping the last one.
+    return ["generate", need_stories(), "-p", "hi", "--cache", "kivi", "--cache", "xquant"], ["--cache", "2 times"]
+
+
+def case_chat_repeated_cache(tmp_path):
+    return ["chat", need_stories(), "--cache", "fp16", "--cache", "kivi"], ["--cache", "2 times"]
+
+
+def case_repeated_cache_option(tmp_path):
+    return ["generate", need_stories(), "-p", "hi", "--cache", "kivi:bits=2,bits=4"], ["bits", "more than once"]
+
+
+def case_seed_beyond_64_bits(tmp_path):
+    return ["generate", need_stories(), "-p", "hi", "--seed", "99999999999999999999999"], ["seed", "0..1844674407"]
+
+
+def case_negative_seed(tmp_path):
+    # torch would fold -1 onto 2**64 - 1: a different spelling of another seed, so it is refused.
+    return ["generate", need_stories(), "-p", "hi", "--seed", "-1"], ["seed", "0..1844674407"]
+
+
+def case_system_without_chat(tmp_path):
+    return ["generate", need_stories(), "-p", "hi", "--no-chat", "--system", "be brief"], ["--system", "--no-chat"]
+
+
+def case_chat_ctx_beyond_the_model(tmp_path):
+    return ["chat", need_stories(), "--ctx", "100000"], ["100000", "512 positions"]
+
+
 BAD_INPUTS = [value for name, value in sorted(globals().items()) if name.startswith("case_")]
 
 
@@ -428,6 +466,62 @@ def test_bad_input_is_one_line_and_touches_nothing(case, tmp_path, monkeypatch, 
     code, out, err = call_main(monkeypatch, capsys, *args)
     assert_one_line_error(code, out, err, *needles, internal_ok=case is case_unparseable_device)
     assert snapshot(tmp_path) == before
+
+
+def model_never_loads(monkeypatch) -> None:
+    """Makes loading a model fail the test: what these inputs get wrong must be said before that time is spent."""
+    def load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the bad input was refused")
+
+    monkeypatch.setattr(cli, "load_llm", load)
+    monkeypatch.setattr(xqinfer.plan, "plan", load)  # plan loads nothing; its run is what the check must precede
+
+
+EARLY_REFUSALS = {
+    "generate cache typo": (["generate", "-p", "hi", "--cache", "xqant"], ["unknown cache method 'xqant'"]),
+    "chat cache typo": (["chat", "--cache", "xqant"], ["unknown cache method 'xqant'"]),
+    "ppl cache typo": (["ppl", "{dataset}", "--cache", "xqant"], ["unknown cache method 'xqant'"]),
+    "bench cache typo": (["bench", "--cache", "xqant"], ["unknown cache method 'xqant'"]),
+    "bench gen 0": (["bench", "--gen", "0"], ["--gen", "--help"]),
+    "bench reps 0": (["bench", "--reps", "0"], ["--reps", "--help"]),
+    "bench batch 0": (["bench", "--batch", "0"], ["--batch", "--help"]),
+    "ppl json in a missing folder": (["ppl", "{dataset}", "--json", "{missing}"], ["cannot write", "nowhere"]),
+    "bench json in a missing folder": (["bench", "--json", "{missing}"], ["cannot write", "nowhere"]),
+    "plan json in a missing folder": (["plan", "--memory", "80GB", "--json", "{missing}"], ["cannot write", "nowhere"]),
+    "bench json is a folder": (["bench", "--json", "{tmp}"], ["cannot write", "is a directory"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EARLY_REFUSALS))
+def test_bad_input_is_refused_before_the_model_loads(case, tmp_path, monkeypatch, capsys):
+    args, needles = EARLY_REFUSALS[case]
+    dataset = tmp_path / "data.txt"
+    dataset.write_text("Once upon a time there was a cat.\n", encoding="utf-8")
+    places = {"dataset": dataset, "missing": tmp_path / "nowhere" / "out.json", "tmp": tmp_path}
+    model_never_loads(monkeypatch)
+    before = snapshot(tmp_path)
+    code, out, err = call_main(monkeypatch, capsys, *(arg.format(**places) for arg in args))
+    assert_one_line_error(code, out, err, *needles)
+    assert snapshot(tmp_path) == before  # the --json check leaves nothing behind
+
+
+def test_the_json_check_neither_creates_nor_truncates_the_destination(tmp_path):
+    existing = tmp_path / "results.json"
+    existing.write_text("old results\n", encoding="utf-8")
+    cli.check_writable(existing)
+    cli.check_writable(tmp_path / "new.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+    assert existing.read_text(encoding="utf-8") == "old results\n"
+
+
+def test_a_clamped_residual_is_one_warning_line_and_the_run_goes_on(monkeypatch, capsys, single_thread):
+    model = need_stories()
+    code, out, err = call_main(monkeypatch, capsys, "generate", model, "-p", PROMPT, "--no-chat", "-n", "4",
+                               "--temperature", "0", "--cache", "kivi:residual=100000", "--json")
+    assert code == 0, err
+    warning = [line for line in ANSI.sub("", err).splitlines() if "residual" in line]
+    assert len(warning) == 1 and warning[0].startswith("warning: ") and "residual=100000" in warning[0], err
+    assert json.loads(out)["text"] == greedy_api(PROMPT, 4).text
 
 
 def test_no_arguments_shows_the_help(monkeypatch, capsys):

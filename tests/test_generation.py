@@ -15,6 +15,7 @@ import torch
 import xqinfer
 from xqinfer.api import StopMatcher, build_prompt
 from xqinfer.engine import Engine
+from xqinfer.errors import SamplingError, XQInferError
 from xqinfer.formats import open_checkpoint
 from xqinfer.loader import load_checkpoint
 from xqinfer.sampling import (
@@ -101,6 +102,47 @@ def test_top_k_1_equals_greedy(tiny_engine):
     assert _run(tiny_engine, SamplingParams(temperature=1.3, top_k=1, seed=7)) == greedy
     assert _run(tiny_engine, SamplingParams(temperature=0.7, top_k=1, top_p=0.5, min_p=0.2, seed=8)) == greedy
     assert len(set(greedy)) > 1
+
+
+@pytest.mark.parametrize("settings, fragment", [
+    ({"temperature": "0.5"}, "temperature must be a number, got str '0.5'"),
+    ({"top_k": 2.5}, "top_k must be an integer"),
+    ({"top_k": True}, "top_k must be an integer, got bool"),
+    ({"seed": "7"}, "seed must be an integer"),
+    ({"seed": 2**64}, "seed must be in 0..18446744073709551615"),
+    ({"seed": -1}, "seed must be in 0..18446744073709551615"),
+    ({"top_p": 0}, "top_p must be in (0, 1]"),
+])
+def test_bad_sampling_settings_are_clear_errors(settings, fragment):
+    with pytest.raises(SamplingError) as info:
+        SamplingParams(**settings)
+    assert fragment in str(info.value)
+    assert isinstance(info.value, XQInferError) and isinstance(info.value, ValueError)
+
+
+@pytest.mark.parametrize("seed", [0, 2**63, 2**64 - 1])
+def test_every_accepted_seed_seeds_a_generator(seed):
+    assert Sampler(SamplingParams(seed=seed), "cpu").generator.initial_seed() == seed
+
+
+def test_sampling_may_be_a_dict_of_settings_over_the_model_defaults():
+    llm = xqinfer.load(_need(STORIES))
+    as_dict = xqinfer.generate(llm, "Once upon a time", max_tokens=8, sampling={"temperature": 0}, chat=False)
+    as_params = xqinfer.generate(llm, "Once upon a time", max_tokens=8, sampling=GREEDY, chat=False)
+    assert as_dict.tokens == as_params.tokens
+    with pytest.raises(SamplingError, match="unknown sampling setting temp"):
+        xqinfer.generate(llm, "Once", max_tokens=2, sampling={"temp": 0})
+    with pytest.raises(SamplingError, match="sampling must be a SamplingParams or a dict"):
+        xqinfer.generate(llm, "Once", max_tokens=2, sampling=0.5)
+
+
+def test_a_str_stop_is_one_stop_string_not_its_characters():
+    llm = xqinfer.load(_need(STORIES))
+    full = xqinfer.generate(llm, "Once upon a time", max_tokens=40, sampling=GREEDY, chat=False).text
+    stop = "Lily"  # the example: its letters L, i, l, y come earlier ("little", "girl") than the name
+    assert stop in full and any(letter in full[: full.index(stop)] for letter in stop)
+    cut = xqinfer.generate(llm, "Once upon a time", max_tokens=40, sampling=GREEDY, chat=False, stop=stop)
+    assert cut.text == full[: full.index(stop)] and cut.finish_reason == "stop"
 
 
 def test_sampler_draws_only_from_the_kept_set():

@@ -205,7 +205,7 @@ def test_fits_at_context_respects_the_model_positions():
 
 @pytest.mark.parametrize("text,size", [
     ("80GB", 80 * 10**9), ("24GiB", 24 * 2**30), ("512MB", 512 * 10**6), ("1.5GB", 1_500_000_000),
-    ("80G", 80 * 10**9), ("141gib", 141 * 2**30), ("2TB", 2 * 10**12), (" 64 KiB ", 64 * 1024), ("4096", 4096),
+    ("80G", 80 * 10**9), ("141gib", 141 * 2**30), ("2TB", 2 * 10**12), (" 64 KiB ", 64 * 1024), ("4096B", 4096),
     ("100B", 100),
 ])
 def test_parse_memory_accepts_decimal_and_binary_units(text, size):
@@ -217,6 +217,12 @@ def test_parse_memory_accepts_decimal_and_binary_units(text, size):
 def test_parse_memory_refuses_what_is_not_a_size(text):
     with pytest.raises(XQInferError, match="--memory"):
         parse_memory(text)
+
+
+def test_parse_memory_refuses_a_bare_number_and_suggests_units():
+    # `80` could mean 80 GB (what a person means) or 80 bytes (what it used to be read as): it is neither.
+    with pytest.raises(XQInferError, match="--memory '80' has no unit: write 80GB or 80GiB"):
+        parse_memory("80")
 
 
 def test_parse_memory_never_returns_an_empty_budget():
@@ -257,6 +263,7 @@ ROW_FIELDS = {"method": str, "normalized_size": float, "bytes_per_token": float,
 @pytest.mark.parametrize("args,needles", [
     (["--memory", "80XB"], ["80XB"]),
     (["--memory", "-1GB"], ["-1GB"]),
+    (["--memory", "80"], ["no unit", "80GB", "80GiB"]),
     (["--memory", "80GB", "--context", "32q"], ["--context", "32q"]),
     (["--memory", "80GB", "--cache", "nope"], ["nope"]),
     (["--memory", "80GB", "--preset", "nope"], ["nope"]),

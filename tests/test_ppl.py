@@ -292,6 +292,13 @@ def test_bits_column_of_layerwise_methods_is_their_code_bits(stories, single_thr
         assert float(row["bits"].split()[0]) == pytest.approx(expected), (row["spec"], row["bits"], expected)
 
 
+def test_a_bom_at_the_start_of_the_dataset_is_not_scored(tmp_path):
+    need(SAMPLE)
+    with_bom = tmp_path / "bom.txt"
+    with_bom.write_bytes(b"\xef\xbb\xbf" + SAMPLE.read_bytes())
+    assert read_text(with_bom) == read_text(SAMPLE)
+
+
 BAD_INPUTS = {
     "empty": (lambda d: d.write_bytes(b""), [], ["is empty"]),
     "blank": (lambda d: d.write_bytes(b" \n\r\n\t\n"), [], ["is empty"]),

@@ -7,7 +7,7 @@ import os
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
@@ -20,7 +20,7 @@ from .formats import open_checkpoint
 from .loader import load_checkpoint, random_model
 from .model import Transformer
 from .presets import preset_config
-from .sampling import SamplingParams
+from .sampling import SamplingParams, resolve_sampling
 from .tokenizer import Tokenizer
 
 
@@ -109,7 +109,8 @@ class Session:
     """A conversation (or a single completion) over one preallocated cache that persists between requests.
 
     Each request whose prompt extends the cached tokens prefills only the new ones: a chat turn costs its own
-    tokens, not the whole history.
+    tokens, not the whole history. `capacity` (default: the model's positions) must be at least 1 and at most the
+    model's positions; anything else raises ContextError.
     """
 
     llm: LLM
@@ -135,16 +136,20 @@ class Session:
         prompt: Sequence[int],
         *,
         max_tokens: int = 256,
-        sampling: SamplingParams | None = None,
-        stop: Sequence[str] = (),
+        sampling: SamplingParams | Mapping[str, Any] | None = None,
+        stop: str | Sequence[str] = (),
     ) -> Iterator[str]:
-        """Streams text for prompt ids; `self.last` holds the result (text, tokens, stats) once it ends."""
+        """Streams text for prompt ids; `self.last` holds the result (text, tokens, stats) once it ends.
+
+        `sampling` is a SamplingParams, or a dict of settings applied over the model's defaults (None: the
+        defaults); `stop` is one stop string or several.
+        """
+        params = resolve_sampling(self.llm.sampling, sampling)
         stats = GenerationStats()
         detokenizer = self.llm.tokenizer.detokenizer()
         stops = StopMatcher(stop)
         tokens: list[int] = []
         self.last = GenerationResult("", tokens, stats, "interrupted")
-        params = sampling or self.llm.sampling
         eos = set(self.llm.eos_ids)
         finish = "length"
         tokens_out = self.engine.generate(prompt, params, max_tokens, stop_ids=self.llm.eos_ids, stats=stats)
@@ -184,8 +189,9 @@ class Session:
 class StopMatcher:
     """Holds back text that might be the start of a stop string, so a stop string is never printed."""
 
-    def __init__(self, stops: Sequence[str]) -> None:
-        self.stops = [s for s in stops if s]
+    def __init__(self, stops: str | Sequence[str]) -> None:
+        # A str is one stop string: iterated, "Lily" would stop at any of L, i, l and y.
+        self.stops = [s for s in ([stops] if isinstance(stops, str) else stops) if s]
         self.pending = ""
 
     def feed(self, text: str) -> tuple[str, bool]:
@@ -224,20 +230,27 @@ def build_prompt(llm: LLM, prompt: str, *, chat: bool | None = None, system: str
     return tokenizer.encode_chat(messages, add_generation_prompt=True)
 
 
+def one_shot_session(llm: LLM, cache: str | CacheSpec, prompt: Sequence[int], max_tokens: int) -> Session:
+    """A session sized for one completion of `prompt`, never beyond the model's positions: a request that does not
+    fit is then refused by the engine with how many tokens it lacks."""
+    capacity = min(len(prompt) + max_tokens, llm.config.max_position_embeddings)
+    return Session(llm, cache, capacity=capacity)
+
+
 def stream(
     llm: LLM,
     prompt: str,
     *,
     max_tokens: int = 256,
-    sampling: SamplingParams | None = None,
-    stop: Sequence[str] = (),
+    sampling: SamplingParams | Mapping[str, Any] | None = None,
+    stop: str | Sequence[str] = (),
     cache: str | CacheSpec = "fp16",
     chat: bool | None = None,
     system: str | None = None,
 ) -> Iterator[str]:
-    """Streams the continuation of `prompt` as text chunks."""
+    """Streams the continuation of `prompt` as text chunks (`sampling` and `stop` as for `Session.stream`)."""
     ids = build_prompt(llm, prompt, chat=chat, system=system)
-    session = Session(llm, cache, capacity=len(ids) + max_tokens)
+    session = one_shot_session(llm, cache, ids, max_tokens)
     yield from session.stream(ids, max_tokens=max_tokens, sampling=sampling, stop=stop)
 
 
@@ -246,15 +259,15 @@ def generate(
     prompt: str,
     *,
     max_tokens: int = 256,
-    sampling: SamplingParams | None = None,
-    stop: Sequence[str] = (),
+    sampling: SamplingParams | Mapping[str, Any] | None = None,
+    stop: str | Sequence[str] = (),
     cache: str | CacheSpec = "fp16",
     chat: bool | None = None,
     system: str | None = None,
 ) -> GenerationResult:
-    """The whole continuation of `prompt`, with its stats."""
+    """The whole continuation of `prompt`, with its stats (`sampling` and `stop` as for `Session.stream`)."""
     ids = build_prompt(llm, prompt, chat=chat, system=system)
-    session = Session(llm, cache, capacity=len(ids) + max_tokens)
+    session = one_shot_session(llm, cache, ids, max_tokens)
     for _ in session.stream(ids, max_tokens=max_tokens, sampling=sampling, stop=stop):
         pass
     return session.last

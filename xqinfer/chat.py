@@ -139,7 +139,10 @@ class ChatREPL:
             return
         try:
             if key == "max_tokens":
-                self.max_tokens = max(1, int(value))
+                tokens = int(value)
+                if tokens < 1:
+                    raise ValueError("max_tokens must be at least 1")
+                self.max_tokens = tokens
             else:
                 kind = int if key in ("top_k", "seed") else float
                 self.sampling = self.sampling.updated(**{key: kind(value)})

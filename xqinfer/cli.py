@@ -6,8 +6,9 @@ import json
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
-from typing import NoReturn, Optional
+from typing import NoReturn, Optional, Sequence
 
 import torch
 import typer
@@ -15,8 +16,9 @@ from rich.console import Console
 from rich.markup import escape
 
 from . import api
+from .cache import CacheSpec, parse_spec
 from .device import pick_device
-from .errors import XQInferError
+from .errors import XQInferError, XQInferWarning
 from .formatting import stats_line
 from .sampling import SamplingParams
 
@@ -42,7 +44,21 @@ ModelArg = typer.Argument(
 PresetOpt = typer.Option(None, "--preset", help="Architecture preset from models/ with seeded random weights.")
 DtypeOpt = typer.Option(None, "--dtype", help="bf16, fp16 or fp32 (default: bf16 on CUDA, fp32 on CPU).")
 DeviceOpt = typer.Option(None, "--device", help="cpu or cuda (default: cuda when present).")
-CacheOpt = typer.Option("fp16", "--cache", help="Cache method spec, e.g. fp16, xquant:bits=4.")
+# A list, so that a second --cache is seen and refused (a plain option would keep the last one silently).
+CacheOpt = typer.Option([], "--cache", help="Cache method spec, e.g. fp16, xquant:bits=4 (default: fp16).")
+
+
+def one_cache(caches: Sequence[str]) -> CacheSpec:
+    """The one --cache of a command that runs one (parsed now, before any model is loaded), fp16 by default."""
+    if len(caches) > 1:
+        raise XQInferError(f"--cache is given {len(caches)} times; this command runs one cache "
+                           f"(ppl and bench compare several)")
+    return parse_spec(caches[0] if caches else "fp16")
+
+
+def parse_specs(caches: Sequence[str]) -> list[CacheSpec]:
+    """Every --cache of a command that compares several, parsed before any model is loaded (a typo costs nothing)."""
+    return [parse_spec(text) for text in caches]
 
 
 def sampling_from(
@@ -54,12 +70,9 @@ def sampling_from(
     repeat_penalty: float | None,
     seed: int | None,
 ) -> SamplingParams:
-    try:
-        return llm.sampling.updated(
-            temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, repetition_penalty=repeat_penalty, seed=seed
-        )
-    except ValueError as exc:
-        raise XQInferError(str(exc)) from None
+    return llm.sampling.updated(
+        temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, repetition_penalty=repeat_penalty, seed=seed
+    )
 
 
 def load_llm(model: str | None, preset: str | None, dtype: str | None, device: str | None) -> api.LLM:
@@ -86,7 +99,7 @@ def generate(
     system: Optional[str] = typer.Option(None, "--system", help="System prompt (implies --chat)."),
     chat: Optional[bool] = typer.Option(
         None, "--chat/--no-chat", help="Use the chat template (default: when the model has one)."),
-    cache: str = CacheOpt,
+    caches: list[str] = CacheOpt,
     preset: Optional[str] = PresetOpt,
     dtype: Optional[str] = DtypeOpt,
     device: Optional[str] = DeviceOpt,
@@ -95,12 +108,15 @@ def generate(
     """Continue a prompt, streaming the text, then print speed and memory."""
     text = read_prompt(prompt, prompt_file)
     check_text(system, "--system")
+    if chat is False and system is not None:
+        raise XQInferError("--system needs the chat template: drop --no-chat, or put the text in the prompt")
+    cache = one_cache(caches)
     llm = load_llm(model, preset, dtype, device)
     if not llm.tokenizer.has_chat_template and (chat or (chat is None and system is not None)):
         err.print("[yellow]the model has no chat template: using a plain transcript[/yellow]")
     sampling = sampling_from(llm, temperature, top_p, top_k, min_p, repeat_penalty, seed)
     ids = api.build_prompt(llm, text, chat=chat, system=system)
-    session = api.Session(llm, cache, capacity=len(ids) + max_tokens)
+    session = api.one_shot_session(llm, cache, ids, max_tokens)
     chunks = session.stream(ids, max_tokens=max_tokens, sampling=sampling, stop=stop)
     if as_json:
         for _ in chunks:
@@ -119,7 +135,8 @@ def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
         raise XQInferError("give --prompt or --prompt-file, not both")
     if prompt_file is not None:
         try:
-            return prompt_file.read_text(encoding="utf-8")
+            # utf-8-sig: a BOM (which some editors write) is not text; read as a character, it changes the prompt.
+            return prompt_file.read_text(encoding="utf-8-sig")
         except FileNotFoundError:
             raise XQInferError(f"prompt file {prompt_file} does not exist") from None
         except UnicodeDecodeError:
@@ -155,7 +172,7 @@ def chat(
     min_p: Optional[float] = typer.Option(None, "--min-p"),
     repeat_penalty: Optional[float] = typer.Option(None, "--repeat-penalty"),
     seed: Optional[int] = typer.Option(None, "--seed"),
-    cache: str = CacheOpt,
+    caches: list[str] = CacheOpt,
     preset: Optional[str] = PresetOpt,
     dtype: Optional[str] = DtypeOpt,
     device: Optional[str] = DeviceOpt,
@@ -164,6 +181,7 @@ def chat(
     from .chat import ChatREPL
 
     check_text(system, "--system")
+    cache = one_cache(caches)
     llm = load_llm(model, preset, dtype, device)
     sampling = sampling_from(llm, temperature, top_p, top_k, min_p, repeat_penalty, seed)
     ChatREPL(llm, out, err, cache=cache, ctx=ctx, system=system, sampling=sampling, max_tokens=max_tokens).run()
@@ -197,12 +215,14 @@ def ppl(
     read_text(dataset)  # refuse a bad dataset before spending time on the model
     if json_path is not None and json_path.resolve() == dataset.resolve():
         raise XQInferError("--json would overwrite the dataset; choose another file")
+    specs = parse_specs(caches)
+    check_writable(json_path)
     llm = load_llm(model, preset, dtype, device)
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=err, transient=True) as bar:
         task = bar.add_task(f"ppl {protocol}", total=None)
-        report = perplexity(llm, dataset, caches, ctx=ctx, protocol=protocol, chunk=chunk, limit=limit, kld=kld,
+        report = perplexity(llm, dataset, specs, ctx=ctx, protocol=protocol, chunk=chunk, limit=limit, kld=kld,
                             progress=lambda done, total: bar.update(task, completed=done, total=total))
     if report.interrupted:
         err.print(f"[yellow]interrupted: the table covers the {report.baseline.windows} complete window(s)[/yellow]")
@@ -223,9 +243,9 @@ def bench(
     contexts: list[str] = typer.Option([], "--context", "-c", help="Prompt length: 4096, 4k, 32K (repeatable)."),
     caches: list[str] = typer.Option(
         [], "--cache", help="Cache method spec (repeatable; default: every method at a typical setting)."),
-    gen: int = typer.Option(128, "--gen", "-g", help="Tokens to decode after the prompt."),
-    batch: int = typer.Option(1, "--batch", "-b", help="Sequences decoded together."),
-    reps: int = typer.Option(3, "--reps", "-r", help="Repetitions after the warm-up."),
+    gen: int = typer.Option(128, "--gen", "-g", min=1, help="Tokens to decode after the prompt."),
+    batch: int = typer.Option(1, "--batch", "-b", min=1, help="Sequences decoded together."),
+    reps: int = typer.Option(3, "--reps", "-r", min=1, help="Repetitions after the warm-up."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON to this file."),
     no_cuda_graph: bool = typer.Option(False, "--no-cuda-graph", help="Run the decode step eagerly on CUDA too."),
     allow_extrapolation: bool = typer.Option(
@@ -245,6 +265,8 @@ def bench(
 
     target = pick_device(device)
     context_values = [parse_context(c) for c in contexts] or [DEFAULT_CONTEXT[target.type]]
+    specs = parse_specs(caches or DEFAULT_METHODS)
+    check_writable(json_path)
     llm = load_llm(model, preset, dtype, str(target))
     env = environment(llm)
     err.print(f"[dim]{env['model']} | {env['device']} | {env['dtype']} | {env['threads']} threads | "
@@ -259,7 +281,7 @@ def bench(
         failures.append({"method": str(spec), "context": context, "error": one_line(reason)})
         err.print(f"[yellow]  failed: {escape(str(spec))} at {context} tokens: {escape(one_line(reason))}[/yellow]")
 
-    results = run_bench(llm, context_values, caches or DEFAULT_METHODS, gen=gen, batch=batch, reps=reps,
+    results = run_bench(llm, context_values, specs, gen=gen, batch=batch, reps=reps,
                         cuda_graph=not no_cuda_graph, allow_extrapolation=allow_extrapolation, peaks=peaks,
                         report=lambda r: err.print(f"[dim]  done: {r.method} at {r.context} tokens[/dim]"),
                         failed=failed)
@@ -304,6 +326,8 @@ def plan(
 
     if model is not None and preset is not None:
         raise XQInferError("give --model or --preset, not both")
+    specs = parse_specs(caches or DEFAULT_METHODS)
+    check_writable(json_path)
     config = open_checkpoint(model).config if model else preset_config(preset or "llama-3.1-8b")
     name = model or preset or "llama-3.1-8b"
     budget, tokens = parse_memory(memory), parse_context(context)
@@ -311,7 +335,7 @@ def plan(
         raise XQInferError("decode floors need both --bandwidth (GB/s) and --matmul (TFLOP/s)")
     rates_dtype = str(torch_dtype(dtype)).removeprefix("torch.")
     peaks = Peaks(bandwidth * 1e9, matmul * 1e12, rates_dtype) if bandwidth is not None else None
-    rows = make_plan(config, caches or DEFAULT_METHODS, memory=budget, context=tokens, batch=batch,
+    rows = make_plan(config, specs, memory=budget, context=tokens, batch=batch,
                      dtype=torch_dtype(dtype), peaks=peaks)
     print_table(plan_table(rows, name, budget, tokens, batch))
     if json_path is not None:
@@ -326,9 +350,35 @@ def print_table(table) -> None:
     console.print(table)
 
 
+def json_temporary(path: Path) -> Path:
+    """Where write_json writes before renaming: beside the destination, so the rename stays on one file system."""
+    return path.with_name(f".{path.name}.tmp")
+
+
+def check_writable(path: Path | None) -> None:
+    """Refuses a --json destination that cannot be written, before the run rather than after it.
+
+    Creates (and removes) the temporary file write_json will use, which tests the folder as the write will; the
+    destination itself is neither created nor truncated until the results exist.
+    """
+    if path is None:
+        return
+    if path.is_dir():
+        raise XQInferError(f"cannot write {path}: it is a directory")
+    temporary = json_temporary(path)
+    try:
+        temporary.open("x").close()
+    except FileExistsError:
+        pass  # left by an interrupted run: write_json replaces it
+    except OSError as exc:
+        raise XQInferError(f"cannot write {path}: {exc.strerror or exc}") from None
+    else:
+        temporary.unlink()
+
+
 def write_json(path: Path, data: dict) -> None:
     """Writes through a temporary file, so a failure never leaves a truncated file where an old one was."""
-    temporary = path.with_name(f".{path.name}.tmp")
+    temporary = json_temporary(path)
     try:
         temporary.write_text(json.dumps(finite(data), indent=2, allow_nan=False) + "\n", encoding="utf-8")
         os.replace(temporary, path)
@@ -359,8 +409,20 @@ def fail(message: object, code: int = 1) -> NoReturn:
     sys.exit(code)
 
 
+def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """warnings.showwarning for the CLI: xqinfer's own warnings as one line, without the source location."""
+    if issubclass(category, XQInferWarning):
+        err.print(f"[yellow]warning:[/yellow] {escape(one_line(message))}", soft_wrap=True)
+    else:
+        default_showwarning(message, category, filename, lineno, file, line)
+
+
+default_showwarning = warnings.showwarning
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and a non-zero exit, never a traceback."""
+    warnings.showwarning = show_warning
     try:
         code = app(standalone_mode=False)
     except XQInferError as exc:

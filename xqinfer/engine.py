@@ -56,6 +56,19 @@ class GenerationStats:
         }
 
 
+def check_capacity(capacity: int | None, trained: int, allow_extrapolation: bool) -> None:
+    """Refuses a capacity that is not a positive token count, or (without extrapolation) beyond the model's
+    positions: clamping it silently would leave the caller with less room than asked for."""
+    if capacity is None:
+        return
+    if isinstance(capacity, bool) or not isinstance(capacity, int):
+        raise ContextError(f"capacity must be a whole number of tokens, got {type(capacity).__name__} {capacity!r}")
+    if capacity < 1:
+        raise ContextError(f"capacity must be at least 1 token, got {capacity}")
+    if capacity > trained and not allow_extrapolation:
+        raise ContextError(f"a capacity of {capacity} tokens is beyond the model's {trained} positions")
+
+
 class Engine:
     """One model and one preallocated cache; keeps the cached token history so a chat can extend it turn by turn."""
 
@@ -74,8 +87,9 @@ class Engine:
         self.device = model.output_weight().device
         # Beyond the trained positions quality degrades (unless dynamic RoPE stretches them): opt-in only.
         trained = config.max_position_embeddings
+        check_capacity(capacity, trained, allow_extrapolation)
         self.max_positions = (capacity or trained) if allow_extrapolation else trained
-        self.capacity = min(capacity or self.max_positions, self.max_positions)
+        self.capacity = capacity or self.max_positions
         self.spec = parse_spec(cache) if isinstance(cache, str) else cache
         self.cache: Cache = make_cache(self.spec, model, self.capacity, batch_size)
         self.batch_size = batch_size

@@ -19,3 +19,12 @@ class CacheSpecError(XQInferError):
 
 class ContextError(XQInferError):
     """A request needs more positions than the model or the allocated cache allows."""
+
+
+class SamplingError(XQInferError, ValueError):
+    """A sampling setting of the wrong type or out of range (a ValueError too, for callers that catch those)."""
+
+
+class XQInferWarning(UserWarning):
+    """Something xqinfer adjusted for the user (e.g. a residual clamped to the capacity); the CLI prints it on one
+    line of stderr."""

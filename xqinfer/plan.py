@@ -16,17 +16,21 @@ from .errors import XQInferError
 if TYPE_CHECKING:
     from .roofline import Peaks
 
-UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
 def parse_memory(text: str) -> int:
-    """`80GB`, `80G`, `141GiB`, `512MB` -> bytes (GB = 10^9, GiB = 2^30)."""
+    """`80GB`, `80G`, `141GiB`, `512MB`, `4096B` -> bytes (GB = 10^9, GiB = 2^30); a bare number is refused."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?[iI]?[bB]?)\s*", text)
     if not match:
         raise XQInferError(f"--memory {text!r} is not a size (examples: 80GB, 24GiB, 512MB)")
+    if not match.group(2):
+        # `--memory 80` means 80 GB to a person and 80 bytes to a parser: neither guess is safe.
+        number = match.group(1)
+        raise XQInferError(f"--memory {text!r} has no unit: write {number}GB or {number}GiB ({number}B for bytes)")
     unit = match.group(2).lower()
-    unit = unit if unit.endswith("b") or not unit else unit + "b"
+    unit = unit if unit.endswith("b") else unit + "b"
     if unit not in UNITS:
         raise XQInferError(f"--memory {text!r}: unknown unit (accepted: B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)")
     value = int(float(match.group(1)) * UNITS[unit])

@@ -28,7 +28,7 @@ BASELINE = "fp16"
 
 
 def read_text(path: str | Path) -> str:
-    """The dataset as text; refuses what is missing, empty, binary or not UTF-8."""
+    """The dataset as text, without a UTF-8 BOM; refuses what is missing, empty, binary or not UTF-8."""
     path = Path(path)
     try:
         data = path.read_bytes()
@@ -39,7 +39,8 @@ def read_text(path: str | Path) -> str:
     if b"\x00" in data:
         raise XQInferError(f"dataset {path} is binary (it contains NUL bytes); pass a UTF-8 text file")
     try:
-        text = data.decode("utf-8")
+        # utf-8-sig drops a leading BOM, which is no part of the text (scored, it costs ~10% of the PPL).
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise XQInferError(f"dataset {path} is not UTF-8 text (invalid byte at offset {exc.start})") from None
     if not text.strip():

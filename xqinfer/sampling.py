@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
+from numbers import Integral, Real
+from typing import Any, Mapping
 
 import torch
 from torch import Tensor
 
+from .errors import SamplingError
+
+# What torch.Generator.manual_seed takes without remapping: it also accepts negatives down to -2**63 but folds them
+# onto 2**64 + seed, so -1 would silently be the same run as 18446744073709551615.
+SEED_LIMIT = 2**64
+
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """temperature 0 is greedy; 1.0 for the penalty and top_p, 0 for top_k and min_p switch a filter off."""
+    """temperature 0 is greedy; 1.0 for the penalty and top_p, 0 for top_k and min_p switch a filter off.
+
+    A setting of the wrong type (`temperature="0.5"`) or out of range raises SamplingError, which is both an
+    XQInferError and a ValueError. The seed is an int in [0, 2**64), or None for a fresh random one.
+    """
 
     temperature: float = 1.0
     top_k: int = 0
@@ -20,23 +32,48 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
+        for item in fields(self):
+            value = getattr(self, item.name)
+            integral = item.name in ("top_k", "seed")
+            # bool is an int to Python, but `top_k=True` is a mistake, not a setting.
+            accepted = isinstance(value, Integral if integral else Real)
+            if isinstance(value, bool) or not (accepted or (item.name == "seed" and value is None)):
+                kind = "an integer" if integral else "a number"
+                raise SamplingError(f"{item.name} must be {kind}, got {type(value).__name__} {value!r}")
         checks = [
             (self.temperature >= 0, "temperature must be >= 0"),
             (self.top_k >= 0, "top_k must be >= 0"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
             (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            (self.seed is None or 0 <= self.seed < SEED_LIMIT, f"seed must be in 0..{SEED_LIMIT - 1}"),
         ]
         for ok, message in checks:
             if not ok:
-                raise ValueError(message)
+                raise SamplingError(message)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
 
-    def updated(self, **changes) -> "SamplingParams":
+    def updated(self, **changes: Any) -> "SamplingParams":
+        """These settings with `changes` applied; a change of None keeps the setting, an unknown name is refused."""
+        unknown = sorted(set(changes) - {item.name for item in fields(self)})
+        if unknown:
+            accepted = ", ".join(item.name for item in fields(self))
+            raise SamplingError(f"unknown sampling setting {', '.join(unknown)} (accepted: {accepted})")
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+def resolve_sampling(default: SamplingParams, sampling: SamplingParams | Mapping[str, Any] | None) -> SamplingParams:
+    """What a request samples with: `sampling` itself, or the model's defaults with a dict's settings applied."""
+    if sampling is None:
+        return default
+    if isinstance(sampling, SamplingParams):
+        return sampling
+    if isinstance(sampling, Mapping):
+        return default.updated(**sampling)
+    raise SamplingError(f"sampling must be a SamplingParams or a dict of its settings, got {type(sampling).__name__}")
 
 
 class Sampler:

@@ -8,6 +8,7 @@ has static shapes: the current fill is carried by `slot_positions`, a tensor, ne
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Callable, ClassVar
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..config import ModelConfig
-from ..errors import CacheSpecError
+from ..errors import CacheSpecError, XQInferWarning
 from ..rope import Rotary
 
 EMPTY_SLOT = -1
@@ -102,7 +103,7 @@ def register(name: str) -> Callable[[type["Cache"]], type["Cache"]]:
 
 
 def parse_spec(text: str) -> CacheSpec:
-    """Parses `xquant:bits=4,group=128` into a CacheSpec, refusing unknown methods, keys and values."""
+    """Parses `xquant:bits=4,group=128` into a CacheSpec, refusing unknown methods, keys, values and repeated keys."""
     from . import METHODS  # noqa: F401  (importing the package registers every method)
 
     name, _, rest = text.strip().partition(":")
@@ -111,6 +112,7 @@ def parse_spec(text: str) -> CacheSpec:
         raise CacheSpecError(f"unknown cache method {name!r} (accepted: {', '.join(sorted(REGISTRY))})")
     cls = REGISTRY[name]
     options = {key: option.default for key, option in cls.OPTIONS.items()}
+    given: set[str] = set()
     for item in filter(None, (part.strip() for part in rest.split(","))):
         key, sep, value = item.partition("=")
         key = key.strip()
@@ -119,6 +121,9 @@ def parse_spec(text: str) -> CacheSpec:
         if key not in cls.OPTIONS:
             accepted = ", ".join(cls.OPTIONS) or "none"
             raise CacheSpecError(f"{name}: unknown option {key!r} (accepted: {accepted})")
+        if key in given:  # `bits=2,bits=4` would otherwise keep the last silently
+            raise CacheSpecError(f"{name}: option {key!r} is given more than once")
+        given.add(key)
         options[key] = cls.OPTIONS[key].parse(name, key, value.strip())
     spec = CacheSpec(name, options)
     cls.validate(spec)
@@ -221,6 +226,8 @@ class Cache:
         multiple = self.capacity_multiple()
         self.slack = 2 * multiple if self.is_ring and multiple > 1 else 0
         self.capacity = -(-(needed + self.slack) // multiple) * multiple
+        # What the layers size their residual rings by (None for methods without one); the spec stays as given.
+        self.residual: int | None = self.fit_residual(spec)
         self.rotary: Rotary = model.rotary
         self.slot_positions = torch.full((self.capacity,), EMPTY_SLOT, dtype=torch.long, device=self.device)
         self.step: Step | None = None
@@ -234,6 +241,24 @@ class Cache:
         except CacheSpecError as exc:
             message = str(exc)
             raise CacheSpecError(message if message.startswith(str(spec)) else f"{spec}: {message}") from None
+
+    def fit_residual(self, spec: CacheSpec) -> int | None:
+        """The spec's residual window, clamped to the capacity plus one group when it is longer.
+
+        Every token the buffer holds already reads in full precision there (a multiple of the group, as per-channel
+        residuals must be), so the clamp changes no result; it only spares the rows no token can reach
+        (`kivi:residual=100000` on a 100-token run). A residual the user wrote gets a warning; the default one, on
+        a short run, is clamped quietly. A ring is left as it is: its positions run past the buffer, and which of
+        them read in full precision depends on the residual itself.
+        """
+        residual = spec.options.get("residual")
+        most = self.capacity + self.capacity_multiple()
+        if self.is_ring or residual is None or residual <= most:
+            return residual
+        if residual != self.OPTIONS["residual"].default:
+            warnings.warn(f"{spec}: residual={residual} is longer than the cache's {self.capacity} tokens; "
+                          f"using residual={most}", XQInferWarning, stacklevel=3)
+        return most
 
     @property
     def max_chunk(self) -> int:

@@ -97,7 +97,7 @@ class KVQuantLayer(LayerCache):
         spec, config = parent.spec, parent.config
         lead = (parent.batch_size, config.num_kv_heads)
         common = dict(capacity=parent.capacity, channels=config.head_dim, group=spec.options["group"],
-                      residual=spec.options["residual"], dtype=parent.dtype, device=parent.device)
+                      residual=parent.residual, dtype=parent.dtype, device=parent.device)
         kind = type(parent)
         previous = parent.layers[index - 1] if index else None
         key_bits, value_bits = kind.key_bits(spec, index), kind.value_bits(spec, index)

@@ -85,7 +85,7 @@ class XQuantMHALayer(LayerCache):
         self.wk = attention.wk
         self.wv = attention.wv
         self.x = QuantStream((parent.batch_size,), parent.capacity, config.hidden_size, o["bits"], o["group"], "token",
-                             o["residual"], parent.dtype, parent.device, eta=o["eta"])
+                             parent.residual, parent.dtype, parent.device, eta=o["eta"])
 
     def attend(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
         step = self.parent.step
@@ -122,9 +122,9 @@ class XQuantGQALayer(LayerCache):
         lead, dtype = (parent.batch_size,), parent.dtype
         width = latent_width(config)
         self.key_latents = QuantStream(lead, parent.capacity, width - self.outlier, o["bits"], o["group"], "channel",
-                                       o["residual"], dtype, parent.device, eta=o["eta"])
+                                       parent.residual, dtype, parent.device, eta=o["eta"])
         self.value_latents = QuantStream(lead, parent.capacity, width, o["bits"], o["group"], "token",
-                                         o["residual"], dtype, parent.device, eta=o["eta"])
+                                         parent.residual, dtype, parent.device, eta=o["eta"])
         self.outlier_channel = (
             QuantStream(lead, parent.capacity, 1, FULL_PRECISION, 1, "token", 0, dtype, parent.device)
             if self.outlier else None
