@@ -70,6 +70,7 @@ __all__ = [
     "group_dim",
     "effective_group",
     "group_count",
+    "pad_to_groups",
     "minmax_params",
     "quantize_codes",
     "dequantize_codes",
@@ -164,12 +165,21 @@ def to_groups(x: Tensor, group: int, axis: Axis) -> Tensor:
     *lead, t, c = x.shape
     if axis == "token":
         g = effective_group(c, group, axis)
-        pad = (-c) % g
-        if pad:  # ragged: fill the last group with copies of one of its own elements, which move neither end
-            x = torch.cat((x, x[..., -1:].expand(*lead, t, pad)), dim=-1)
-        return x.reshape(*lead, t, (c + pad) // g, g)
+        x = pad_to_groups(x, g, -1)  # ragged rows only
+        return x.reshape(*lead, t, x.shape[-1] // g, g)
     g = effective_group(t, group, axis)
     return x.reshape(*lead, t // g, g, c)
+
+
+def pad_to_groups(x: Tensor, group: int, dim: int) -> Tensor:
+    """``x`` with dimension ``dim`` filled up to a multiple of ``group`` by copies of its last entry, which move
+    neither end of the last group, hence neither its scale nor its zero; ``x`` itself when it is one already."""
+    size = x.shape[dim]
+    pad = (-size) % group
+    if not pad:
+        return x
+    last = x.narrow(dim, size - 1, 1)
+    return torch.cat((x, last.expand(*x.shape[:dim], pad, *x.shape[dim:][1:])), dim=dim)
 
 
 def from_groups(xg: Tensor, axis: Axis, size: int | None = None) -> Tensor:

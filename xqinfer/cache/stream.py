@@ -195,9 +195,8 @@ class QuantStream:
             return y
         dim = quant.group_dim(self.axis)
         size = y.shape[dim]  # of the grouped dimension, before any padding
-        pad = (-size) % self.group if self.axis == "channel" else 0
-        if pad:
-            y = torch.cat((y, y[..., -1:, :].expand(*y.shape[:-2], pad, y.shape[-1])), dim=-2)
+        if self.axis == "channel":
+            y = quant.pad_to_groups(y, self.group, dim)
         grouped = quant.to_groups(y, self.group, self.axis)
         scale, zero = quant.minmax_params(grouped, self.bits, self.scale_dtype, dim=dim)
         if self.codes_from is not None:
