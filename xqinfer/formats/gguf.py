@@ -43,11 +43,15 @@ TENSOR_NAMES = {
 }
 # llama.cpp's converter interleaves the rows of Wq and Wk for its RoPE; the model here rotates halves (HF layout).
 PERMUTED = {"self_attn.q_proj.weight": "num_heads", "self_attn.k_proj.weight": "num_kv_heads"}
-# What llama.cpp samples with when the file names nothing else (common/common.h), for the same text on the same file.
-LLAMA_CPP_SAMPLING = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05, "repetition_penalty": 1.0}
-SAMPLING_KEYS = {"temperature": "general.sampling.temp", "top_k": "general.sampling.top_k",
-                 "top_p": "general.sampling.top_p", "min_p": "general.sampling.min_p",
-                 "repetition_penalty": "general.sampling.penalty_repeat"}
+# Sampling setting -> (its GGUF key, what llama.cpp samples with when the file names nothing, common/common.h), so
+# the same file gives the same text in both.
+SAMPLING = {
+    "temperature": ("general.sampling.temp", 0.8),
+    "top_k": ("general.sampling.top_k", 40),
+    "top_p": ("general.sampling.top_p", 0.95),
+    "min_p": ("general.sampling.min_p", 0.05),
+    "repetition_penalty": ("general.sampling.penalty_repeat", 1.0),
+}
 
 
 class GGUFCheckpoint:
@@ -70,12 +74,12 @@ class GGUFCheckpoint:
         return tokenizer_from_gguf(self.metadata, origin=str(self.path))
 
     def generation_defaults(self, tokenizer: Tokenizer) -> tuple[SamplingParams, tuple[int, ...]]:
-        sampling = {name: self.metadata.get(key, default) for (name, default), key in
-                    zip(LLAMA_CPP_SAMPLING.items(), SAMPLING_KEYS.values())}
         ends = [self.metadata.get(f"tokenizer.ggml.{kind}_token_id") for kind in ("eos", "eot", "eom")]
         eos_ids = tuple(dict.fromkeys([int(i) for i in ends if isinstance(i, int)] + list(tokenizer.eos_ids)))
         try:
-            return SamplingParams(**{k: type(LLAMA_CPP_SAMPLING[k])(v) for k, v in sampling.items()}), eos_ids
+            sampling = {name: type(default)(self.metadata.get(key, default))
+                        for name, (key, default) in SAMPLING.items()}
+            return SamplingParams(**sampling), eos_ids
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"{self.path}: sampling defaults in the metadata are not valid ({exc})") from None
 
