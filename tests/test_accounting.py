@@ -9,13 +9,13 @@ import math
 import pytest
 import torch
 
+from xqinfer.accounting import bytes_per_token, layer_bits, normalized_size, residual_bytes
 from xqinfer.cache import make_cache
-from xqinfer.cache.base import normalized_size, parse_spec
+from xqinfer.cache.base import parse_spec
 from xqinfer.cache.fp16 import FP16LayerCache
 from xqinfer.cache.stream import QuantStream
 from xqinfer.config import ModelConfig
 from xqinfer.loader import random_model
-from xqinfer.plan import bytes_per_token
 from xqinfer.presets import preset_config
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -283,30 +283,35 @@ def _stored_and_working(cache) -> tuple[int, int]:
     return stored, working
 
 
+def built_size(cache) -> float:
+    """The normalized size of a built cache's own (resolved) spec, in the dtype it stores."""
+    return normalized_size(cache.spec, cache.config, cache.dtype)
+
+
 @pytest.mark.parametrize("name, text", BUILT)
 def test_built_cache_normalized_size_is_the_config_figure_and_the_stored_bits(name, text):
     model = _model(name, torch.float16)
     config = model.config
     cache = make_cache(text, model, 128 if name != "swa" else 300)
-    assert cache.normalized_size() == normalized_size(parse_spec(text), config)
-    assert cache.normalized_size() == normalized_size(parse_spec(text), config, torch.float16)
-    layers = cache.layer_normalized_sizes()
-    assert len(layers) == config.num_layers and sum(layers) / len(layers) == pytest.approx(cache.normalized_size())
+    assert built_size(cache) == normalized_size(parse_spec(text), config)
+    assert built_size(cache) == normalized_size(parse_spec(text), config, torch.float16)
+    layers = [bits / 16 for bits in layer_bits(cache.spec, cache.config, cache.dtype)]
+    assert len(layers) == config.num_layers and sum(layers) / len(layers) == pytest.approx(built_size(cache))
     stored, working = _stored_and_working(cache)
     assert stored + working + cache.slot_positions.nbytes == cache.nbytes()
     # Bits stored per cached token over what a 16-bit KV cache of the same model stores per token.
     kv_bits_per_token = 16 * 2 * config.kv_dim * config.num_layers
-    assert stored * 8 / cache.capacity / kv_bits_per_token == pytest.approx(cache.normalized_size(), rel=1e-12)
+    assert stored * 8 / cache.capacity / kv_bits_per_token == pytest.approx(built_size(cache), rel=1e-12)
 
 
 def test_normalized_size_follows_the_model_dtype_for_fp16():
     model = _model("gqa", torch.float32)
     cache = make_cache("fp16", model, 32)
-    assert cache.normalized_size() == normalized_size(parse_spec("fp16"), model.config, torch.float32) == 2.0
+    assert built_size(cache) == normalized_size(parse_spec("fp16"), model.config, torch.float32) == 2.0
     # Quantized methods store fp16 scales whatever the model dtype: the figure does not move.
     for text in ("kivi:bits=2", "xquant:bits=3", "xquant-cl:bits=2"):
         built = make_cache(text, model, 128)
-        assert built.normalized_size() == normalized_size(parse_spec(text), model.config)
+        assert built_size(built) == normalized_size(parse_spec(text), model.config)
 
 
 WIDE_PAIR = dict(_BASE, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=16)  # 2kv = 64 > 32
@@ -317,7 +322,7 @@ def test_xquant_cl_accounting_when_2kv_exceeds_hidden():
     cache = make_cache("xquant-cl:bits=4", model, 64)
     stored, _ = _stored_and_working(cache)
     kv_bits_per_token = 16 * 2 * model.config.kv_dim * model.config.num_layers
-    assert stored * 8 / cache.capacity / kv_bits_per_token == pytest.approx(cache.normalized_size(), rel=1e-12)
+    assert stored * 8 / cache.capacity / kv_bits_per_token == pytest.approx(built_size(cache), rel=1e-12)
 
 
 def test_ragged_rows_count_one_scale_and_zero_per_group_they_hold():
@@ -345,18 +350,30 @@ def test_plan_bytes_per_token_are_what_the_built_cache_stores(name, text):
         stored, rel=1e-12)
 
 
+@pytest.mark.parametrize("name, text", [case for case in BUILT if case[0] != "swa"])
+def test_plan_residual_bytes_are_the_built_cache_rings(name, text):
+    """What `plan` adds per sequence for the full-precision residual is the rings a built cache holds (a ring
+    cache aside: its window, not the spec, sizes it)."""
+    model = _model(name, torch.float16)
+    cache = make_cache(text, model, 512)
+    _, working = _stored_and_working(cache)
+    assert residual_bytes(parse_spec(text), model.config, torch.float16) == working
+
+
 MHA_TINY = {"architectures": ["LlamaForCausalLM"], "vocab_size": 300, "hidden_size": 64, "intermediate_size": 128,
             "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 4,
             "max_position_embeddings": 256}
-REFUSED_ON_MHA_TINY = ["xquant-cl:base_layers=5", "xquant:outlier=1", "asymkv:lk=9", "xquant-kv:km=5"]
+GQA_TINY = {**MHA_TINY, "num_key_value_heads": 2}
+REFUSED = [("mha", "xquant-cl:base_layers=5"), ("mha", "xquant:outlier=1"), ("mha", "asymkv:lk=9"),
+           ("mha", "xquant-kv:km=5"), ("gqa", "xquant:group=32,residual=48"), ("gqa", "xquant-kv:kq=3,km=3")]
 
 
-@pytest.mark.parametrize("text", REFUSED_ON_MHA_TINY)
-def test_plan_refuses_every_spec_that_building_the_cache_refuses(text):
+@pytest.mark.parametrize("kind, text", REFUSED)
+def test_plan_refuses_every_spec_that_building_the_cache_refuses(kind, text):
     from xqinfer.errors import CacheSpecError
     from xqinfer.plan import plan
 
-    config = ModelConfig.from_dict(MHA_TINY)
+    config = ModelConfig.from_dict(MHA_TINY if kind == "mha" else GQA_TINY)
     with pytest.raises(CacheSpecError) as built:
         make_cache(text, random_model(config, torch.float32, "cpu"), 32)
     with pytest.raises(CacheSpecError) as planned:

@@ -20,14 +20,13 @@ import torch
 
 import xqinfer
 from xqinfer import cli
+from xqinfer.accounting import bytes_per_token, normalized_size
 from xqinfer.bench import BenchResult, bench, parse_context
 from xqinfer.cache import parse_spec
-from xqinfer.cache.base import normalized_size
 from xqinfer.config import ModelConfig
 from xqinfer.engine import SPAN_MIN, Engine
 from xqinfer.errors import XQInferError
 from xqinfer.loader import random_model
-from xqinfer.plan import bytes_per_token
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

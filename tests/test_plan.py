@@ -14,19 +14,10 @@ import pytest
 import torch
 
 from xqinfer import cli
-from xqinfer.bench import DEFAULT_METHODS
-from xqinfer.cache import parse_spec
-from xqinfer.cache.base import normalized_size
+from xqinfer.accounting import bytes_per_token, equivalent_bits, normalized_size, residual_bytes, workspace_bytes
+from xqinfer.cache import benchmarked_specs, parse_spec
 from xqinfer.errors import XQInferError
-from xqinfer.plan import (
-    PlanRow,
-    bytes_per_token,
-    equivalent_bits,
-    parse_memory,
-    plan,
-    residual_bytes,
-    workspace_bytes,
-)
+from xqinfer.plan import PlanRow, parse_memory, plan
 from xqinfer.presets import preset_config
 from xqinfer.roofline import Peaks, decode_floor
 
@@ -98,11 +89,12 @@ def test_bytes_per_token_is_the_normalized_size_of_the_fp16_bytes(preset, spec):
 
 
 def test_equivalent_bits_count_codes_only_for_kv_methods():
-    assert equivalent_bits(parse_spec("fp16")) == 16
-    assert equivalent_bits(parse_spec("kivi:bits=2")) == 2
-    assert equivalent_bits(parse_spec(KIVI_STAR.format(3))) == 3
-    assert equivalent_bits(parse_spec("xquant:bits=4")) is None
-    assert equivalent_bits(parse_spec("xquant-cl:bits=2")) is None
+    config = preset_config("llama-3.1-8b")
+    assert equivalent_bits(parse_spec("fp16"), config) == 16
+    assert equivalent_bits(parse_spec("kivi:bits=2"), config) == 2
+    assert equivalent_bits(parse_spec(KIVI_STAR.format(3)), config) == 3
+    assert equivalent_bits(parse_spec("xquant:bits=4"), config) is None
+    assert equivalent_bits(parse_spec("xquant-cl:bits=2"), config) is None
     rows = plan(preset_config("llama-3.1-8b"), ["fp16", "kivi:bits=2", "xquant"], memory=80 * GB, context=1024)
     assert [r.equivalent_bits for r in rows] == [16, 2, None]
 
@@ -187,7 +179,7 @@ def test_limits_grow_with_memory_and_agree_with_fits():
 def test_memory_below_the_weights_fits_nothing():
     config = preset_config("llama-2-7b")
     weights = config.num_parameters * 2
-    for row in plan(config, DEFAULT_METHODS, memory=weights - 1, context=1024):
+    for row in plan(config, benchmarked_specs(), memory=weights - 1, context=1024):
         assert not row.fits_at_context
         assert row.max_context_batch_1 == 0 and row.max_batch_at_context == 0
         assert row.weights_bytes == weights
@@ -195,7 +187,7 @@ def test_memory_below_the_weights_fits_nothing():
 
 def test_fits_at_context_respects_the_model_positions():
     config = preset_config("llama-2-7b")
-    for row in plan(config, DEFAULT_METHODS, memory=1000 * GB, context=32768):
+    for row in plan(config, benchmarked_specs(), memory=1000 * GB, context=32768):
         assert row.max_context_batch_1 == config.max_position_embeddings
         assert row.fits_at_context == (32768 <= row.max_context_batch_1)
 
@@ -286,13 +278,13 @@ def check_plan_json(path: Path, model: str, config, memory: int, context: int) -
     assert type(data["memory_bytes"]) is int and data["memory_bytes"] == memory
     assert type(data["context"]) is int and data["context"] == context
     assert data["batch"] == 1 and data["dtype"] == "bf16"
-    assert type(data["methods"]) is list and len(data["methods"]) == len(DEFAULT_METHODS)
+    assert type(data["methods"]) is list and len(data["methods"]) == len(benchmarked_specs())
     assert set(ROW_FIELDS) == set(PlanRow.__dataclass_fields__)
     for row in data["methods"]:
         assert set(row) == set(ROW_FIELDS)
         for key, kind in ROW_FIELDS.items():
             assert type(row[key]) in (kind if isinstance(kind, tuple) else (kind,)), f"{key}={row[key]!r}"
-    expected = plan(config, DEFAULT_METHODS, memory=memory, context=context, dtype=torch.bfloat16)
+    expected = plan(config, benchmarked_specs(), memory=memory, context=context, dtype=torch.bfloat16)
     assert data["methods"] == [r.as_dict() for r in expected]
     return data
 
@@ -302,10 +294,10 @@ def test_plan_json_schema(monkeypatch, capsys, tmp_path):
     code, out, err = run_cli(monkeypatch, capsys, "plan", "--memory", "80GB", "--context", "32k", "--json", path)
     assert code == 0, err
     data = check_plan_json(path, "llama-3.1-8b", preset_config("llama-3.1-8b"), 80 * GB, 32768)
-    assert [r["method"] for r in data["methods"]] == [str(parse_spec(m)) for m in DEFAULT_METHODS]
+    assert [r["method"] for r in data["methods"]] == [str(parse_spec(m)) for m in benchmarked_specs()]
     # The table: title with model, budget and context, a header, one row per method.
     assert "llama-3.1-8b" in out and "context 32768" in out and "max context (b=1)" in out
-    for method in DEFAULT_METHODS:
+    for method in benchmarked_specs():
         assert parse_spec(method).label() in out
 
 

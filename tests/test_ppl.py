@@ -24,8 +24,8 @@ import torch
 import xqinfer
 import xqinfer.ppl as ppl_module
 from xqinfer import cli
+from xqinfer.accounting import normalized_size
 from xqinfer.cache import make_cache, parse_spec
-from xqinfer.cache.base import normalized_size
 from xqinfer.cache.stream import QuantStream
 from xqinfer.ppl import perplexity, read_text, window_logits
 

@@ -11,10 +11,10 @@ from xqinfer import quant
 from xqinfer.quant import (
     BITS,
     BitPacker,
+    Layout,
     Quantized,
     dequantize,
     dequantize_codes,
-    fake_quantize,
     minmax_params,
     pack,
     packed_size,
@@ -260,13 +260,13 @@ def test_shapes_and_group_clipping() -> None:
     assert to_groups(x, 8, "channel").shape == (3, 5, 8, 64)
 
 
-def test_fake_quantize_matches_quantize_dequantize() -> None:
+def test_simulate_matches_quantize_dequantize() -> None:
     x = _data((2, 64, 128), seed=9, dtype=torch.bfloat16)
     for axis in ("token", "channel"):
         for bits in BITS:
             for eta in (0.0, 0.1):
                 ref = dequantize(QUANTIZE[axis](x, bits, 32), eta=eta)
-                assert torch.equal(fake_quantize(x, bits, 32, axis, eta=eta), ref)
+                assert torch.equal(Layout(bits, 32, axis, eta=eta).simulate(x), ref)
 
 
 def test_low_level_functions_compose_into_preallocated_buffers() -> None:
@@ -326,7 +326,7 @@ def test_eta_one_bit_relative_mse() -> None:
     x = torch.randn(4096, 512, generator=g)
     rel = {}
     for eta in (0.0, 1 / 6):
-        err = fake_quantize(x, 1, 32, "token", eta=eta) - x
+        err = Layout(1, 32, "token", eta=eta).simulate(x) - x
         rel[eta] = float(err.pow(2).mean() / x.var())
     assert rel[0.0] == pytest.approx(1.96, rel=0.05)
     assert rel[1 / 6] == pytest.approx(0.68, rel=0.05)
@@ -349,7 +349,7 @@ def test_validation_messages() -> None:
     with pytest.raises(ValueError, match="1, 2, 3, 4, 8"):
         packed_size(8, 7)
     with pytest.raises(ValueError, match="axis"):
-        fake_quantize(x, 2, 8, "row")  # type: ignore[arg-type]
+        Layout(2, 8, "row")  # type: ignore[arg-type]
 
 
 def test_public_names_exist() -> None:

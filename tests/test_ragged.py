@@ -116,11 +116,11 @@ def test_per_token_groups_match_the_reference(bits, channels, group):
     # The bound the directed rounding buys: every element within half of its own group's stored step.
     step = scale.repeat_interleave(g, dim=-1)[..., :channels]
     assert ((xh - x).abs() <= step * (0.5 + 1e-4) + 1e-6 * x.abs() + 1e-7).all()
-    assert torch.equal(quant.fake_quantize(x, bits, group, "token"), xh)
+    assert torch.equal(quant.Layout(bits, group, "token").simulate(x), xh)
     for eta in (0.1, 1 / 6):
         calibrated = reference_quantize(x, bits, group, eta)[3]
         assert_reconstructs(quant.dequantize(q, eta=eta), calibrated, x)
-        assert torch.equal(quant.fake_quantize(x, bits, group, "token", eta=eta), quant.dequantize(q, eta=eta))
+        assert torch.equal(quant.Layout(bits, group, "token", eta=eta).simulate(x), quant.dequantize(q, eta=eta))
 
 
 @pytest.mark.parametrize("channels, group", [(192, 128), (100, 32), (100, 7)])
@@ -160,8 +160,15 @@ def test_groups_of_tokens_still_tile():
         quant.effective_group(100, 32, "channel")
     with pytest.raises(ValueError, match="not a multiple"):
         quant.quantize_per_channel(torch.randn(100, 8), 2, 32)
-    with pytest.raises(ValueError, match="not a multiple"):
-        quant.fake_quantize(torch.randn(100, 8), 2, 32, "channel")
+
+
+def test_a_trailing_group_of_tokens_is_simulated_over_the_tokens_it_has():
+    # The sim protocol reads a window whose length need not be a multiple of the group: its last group is shorter.
+    x = _data((100, 8), seed=5)
+    simulated = quant.Layout(2, 32, "channel").simulate(x)
+    whole = quant.dequantize(quant.quantize_per_channel(x[:96], 2, 32))
+    tail = quant.dequantize(quant.quantize_per_channel(x[96:], 2, 32))  # one group of the 4 tokens left
+    assert torch.equal(simulated, torch.cat((whole, tail)))
 
 
 @pytest.mark.parametrize("bits", quant.BITS)

@@ -11,14 +11,14 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import xqinfer
+from xqinfer.accounting import bytes_per_token, rebuild_flops_per_token, streamed_parameters
 from xqinfer.bench import bench
 from xqinfer.cache import parse_spec
 from xqinfer.config import ModelConfig
 from xqinfer.engine import Engine
 from xqinfer.loader import random_model
-from xqinfer.plan import bytes_per_token
 from xqinfer.presets import preset_config
-from xqinfer.roofline import Peaks, decode_floor, measure_peaks, rebuild_flops_per_token, streamed_parameters
+from xqinfer.roofline import Peaks, decode_floor, measure_peaks
 
 from test_bench import SHAPES, run_cli
 

@@ -17,17 +17,14 @@ from typing import Callable, Sequence
 
 import torch
 
+from .accounting import bytes_per_token, normalized_size
 from .api import LLM
 from .cache import CacheSpec, parse_spec
-from .cache.base import normalized_size
 from .device import peak_memory, reset_peak_memory, synchronize
 from .engine import UNKNOWN_TOKEN, Engine
 from .errors import XQInferError
-from .plan import bytes_per_token
 from .roofline import Peaks, decode_floor
 
-DEFAULT_METHODS = ("fp16", "kivi:bits=2", "kivi:bits=2,group=128,prerope=1", "asymkv", "xquant-kv", "xquant:bits=4",
-                   "xquant-cl:bits=2")
 WARMUP_TOKENS = 8
 
 

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from . import api
-from .cache import CacheSpec, parse_spec
+from .cache import CacheSpec, benchmarked_specs, parse_spec
 from .device import pick_device
 from .errors import XQInferError, XQInferWarning
 from .formatting import stats_line
@@ -258,14 +258,14 @@ def bench(
     device: Optional[str] = DeviceOpt,
 ) -> None:
     """Prefill and decode speed, time to first token and memory of each cache method at long contexts."""
-    from .bench import DEFAULT_METHODS, environment, parse_context
     from .bench import bench as run_bench
+    from .bench import environment, parse_context
     from .formatting import bench_table
     from .roofline import measure_peaks
 
     target = pick_device(device)
     context_values = [parse_context(c) for c in contexts] or [DEFAULT_CONTEXT[target.type]]
-    specs = parse_specs(caches or DEFAULT_METHODS)
+    specs = parse_specs(caches or benchmarked_specs())
     check_writable(json_path)
     llm = load_llm(model, preset, dtype, str(target))
     env = environment(llm)
@@ -315,7 +315,7 @@ def plan(
     preset: Optional[str] = PresetOpt,
 ) -> None:
     """How much each cache method stores per token, and the largest context and batch that fit in memory."""
-    from .bench import DEFAULT_METHODS, parse_context
+    from .bench import parse_context
     from .config import torch_dtype
     from .formats import open_checkpoint
     from .formatting import plan_table
@@ -326,7 +326,7 @@ def plan(
 
     if model is not None and preset is not None:
         raise XQInferError("give --model or --preset, not both")
-    specs = parse_specs(caches or DEFAULT_METHODS)
+    specs = parse_specs(caches or benchmarked_specs())
     check_writable(json_path)
     config = open_checkpoint(model).config if model else preset_config(preset or "llama-3.1-8b")
     name = model or preset or "llama-3.1-8b"

@@ -9,6 +9,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor
 
+from . import accounting
 from .cache import Cache, CacheSpec, make_cache, parse_spec
 from .device import keep_freed_host_memory, peak_memory, reset_peak_memory
 from .errors import ContextError
@@ -228,9 +229,10 @@ class Engine:
     def _record_memory(self, stats: GenerationStats) -> None:
         stats.peak_memory_bytes = max(stats.peak_memory_bytes, peak_memory(self.device))
         stats.cache_bytes = self.cache.nbytes()
-        stats.cache_normalized_size = self.cache.normalized_size()
+        stats.cache_normalized_size = accounting.normalized_size(self.cache.spec, self.cache.config, self.cache.dtype)
         stats.cache_layer_bytes = self.cache.layer_nbytes()
-        stats.cache_layer_normalized_sizes = self.cache.layer_normalized_sizes()
+        stats.cache_layer_normalized_sizes = [
+            bits / 16.0 for bits in accounting.layer_bits(self.cache.spec, self.cache.config, self.cache.dtype)]
 
 
 class DecodeGraphs:

@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import torch
 
+from .accounting import (
+    bytes_per_token,
+    equivalent_bits,
+    normalized_size,
+    residual_bytes,
+    weights_bytes,
+    workspace_bytes,
+)
 from .cache import CacheSpec, parse_spec
-from .cache.base import layer_bits, normalized_size
 from .config import ModelConfig
 from .errors import XQInferError
-
-if TYPE_CHECKING:
-    from .roofline import Peaks
+from .roofline import Peaks, decode_floor
 
 UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -59,45 +64,6 @@ class PlanRow:
         return asdict(self)
 
 
-def bytes_per_token(spec: CacheSpec, config: ModelConfig, dtype: torch.dtype) -> float:
-    """Bytes stored per token of one sequence, all layers: codes, scales and zeros (the residual window aside)."""
-    return sum(bits * 2 * config.kv_dim for bits in layer_bits(spec, config, dtype)) / 8
-
-
-def residual_bytes(spec: CacheSpec, config: ModelConfig, dtype: torch.dtype) -> int:
-    """Full-precision residual tokens a sequence holds on top of its codes (bounded, whatever the length)."""
-    residual = spec.options.get("residual", 0)
-    group = spec.options.get("group", 1)
-    element = torch.finfo(dtype).bits // 8
-    if spec.method == "xquant" and not config.is_gqa:
-        per_layer = residual * config.hidden_size
-    elif spec.method in ("kivi", "asymkv", "xquant-kv", "xquant"):
-        # Keys (or key latents) are grouped per channel: their ring holds at least the open group.
-        per_layer = (max(residual, group) + residual) * config.kv_dim
-    else:
-        per_layer = 0
-    return per_layer * config.num_layers * element
-
-
-def equivalent_bits(spec: CacheSpec) -> float | None:
-    """[Y]'s convention for KV methods: code bits per K/V element, scales and zeros not counted."""
-    if spec.method == "fp16":
-        return 16.0
-    if spec.method == "kivi":
-        return float(spec.options["bits"])
-    return None
-
-
-def workspace_bytes(config: ModelConfig, context: int, batch: int, dtype: torch.dtype) -> int:
-    """Transient memory of one decode step at `context`: one layer's rebuilt K/V (or X) plus the logits.
-
-    An estimate: layers run one after another, so only one layer's rebuilt history is alive at a time.
-    """
-    width = max(config.hidden_size, 2 * config.kv_dim)
-    element = torch.finfo(dtype).bits // 8
-    return batch * (context * width * 2 + config.vocab_size * 2) * element
-
-
 def plan(
     config: ModelConfig,
     methods: Sequence[str | CacheSpec],
@@ -110,9 +76,7 @@ def plan(
 ) -> list[PlanRow]:
     """For each method: its size, whether `batch` sequences of `context` fit in `memory`, and the largest that do;
     with a device's `peaks`, also the fastest a decode step could run there."""
-    from .roofline import decode_floor  # roofline builds on this module's accounting
-
-    weights = config.num_parameters * torch.finfo(dtype).bits // 8
+    weights = weights_bytes(config, dtype)
     rows = []
     for method in methods:
         spec = parse_spec(method) if isinstance(method, str) else method
@@ -130,7 +94,7 @@ def plan(
             method=str(spec),
             normalized_size=normalized_size(spec, config, dtype),
             bytes_per_token=per_token,
-            equivalent_bits=equivalent_bits(spec),
+            equivalent_bits=equivalent_bits(spec, config),
             cache_bytes_at_context=int(batch * per_sequence),
             weights_bytes=weights,
             workspace_bytes=workspace,

@@ -18,9 +18,9 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
+from .accounting import bits_label, normalized_size
 from .api import LLM
-from .cache import REGISTRY, CacheSpec, make_cache, parse_spec
-from .cache.base import normalized_size
+from .cache import CacheSpec, make_cache, parse_spec
 from .errors import XQInferError
 
 PROTOCOLS = ("sim", "stream")
@@ -143,19 +143,6 @@ class PerplexityReport:
             "methods": self.rows(),
             **self.extra,
         }
-
-
-def bits_label(spec: CacheSpec, config) -> str:
-    """Code bits: the spec's `bits`, XQuant-CL's base layers, or [Y]'s equivalent bits of layer-wise KV methods."""
-    o = spec.options
-    if "bits" in o and "base_bits" in o:
-        return f"{o['bits']} (first {o['base_layers']} at {o['base_bits']})"
-    if "bits" in o:
-        return str(o["bits"])
-    method = REGISTRY[spec.method]
-    if hasattr(method, "code_bits"):
-        return f"{method.code_bits(spec, config):g}"
-    return "16"
 
 
 def perplexity(

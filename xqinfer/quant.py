@@ -61,10 +61,10 @@ __all__ = [
     "BITS",
     "Axis",
     "Quantized",
+    "Layout",
     "quantize_per_token",
     "quantize_per_channel",
     "dequantize",
-    "fake_quantize",
     "to_groups",
     "from_groups",
     "group_dim",
@@ -296,13 +296,9 @@ def dequantize_codes(
     ``dtype`` defaults to ``scale.dtype``. ``eta`` is the calibration of :func:`calibrated_params`.
     """
     _check_bits(bits)
-    # ẑ in float32 makes the result float32; the integer codes, and on a GPU a stored fp16/bf16 ŝ, are widened inside
-    # addcmul. A CPU does not vectorize an op whose float operands differ in type (1.8x slower measured), so there ŝ
-    # (one value per group) is cast first, as `calibrated_params` does.
-    if eta == 0.0 and scale.device.type != "cpu":
-        s, z = _float32_operand(scale), _cast(zero, torch.float32)
-    else:
-        s, z = calibrated_params(scale, zero, bits, eta)
+    # ŝ and ẑ (one value per group) are cast to float32 first: a CPU does not vectorize an op whose float operands
+    # differ in type (1.8x slower measured), and the widening is exact, so no device gets a different result.
+    s, z = calibrated_params(scale, zero, bits, eta)
     dtype = dtype if dtype is not None else scale.dtype
     codes = _float32_operand(codes)
     if dtype == torch.float32:
@@ -451,29 +447,88 @@ class Quantized:
         return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.zero))
 
 
-def _quantize(
-    x: Tensor, bits: int, group: int, axis: Axis, scale_dtype: torch.dtype, packer: BitPacker | None
-) -> Quantized:
-    _check_bits(bits)
-    _check_group(group)
-    packer = packer or BitPacker(bits, x.device)
-    if packer.bits != bits:
-        raise ValueError(f"a packer for {packer.bits} bits cannot pack {bits}-bit codes")
-    # Cast once here rather than once in each of minmax_params and quantize_codes.
-    xg = to_groups(_cast(x, torch.float32), group, axis)
-    dim = group_dim(axis)
-    scale, zero = minmax_params(xg, bits, scale_dtype, dim=dim)
-    codes = from_groups(quantize_codes(xg, scale, zero, bits), axis, x.shape[dim])
-    return Quantized(
-        codes=packer.pack(codes, in_range=True),  # quantize_codes clamps them
-        scale=scale.squeeze(dim),
-        zero=zero.squeeze(dim),
-        bits=bits,
-        group=xg.shape[dim],
-        axis=axis,
-        channels=x.shape[-1],
-        dtype=x.dtype,
-    )
+@dataclass(frozen=True, eq=False)
+class Layout:
+    """How a tensor ``[..., T, C]`` is quantized: code width, group, axis, calibration, storage of scale and zero, and
+    the packer of its codes. The one implementation of quantize, dequantize and their round trip (``sim``).
+
+    ``group`` is the requested size; each call groups with ``min(group, size)`` of the grouped dimension. ``eta`` is
+    the calibration :func:`dequantize` applies (see :func:`calibrated_params`). ``packer``: a :class:`BitPacker` for
+    ``bits`` made in advance on the tensors' device (a cache's); by default one is made on the CPU.
+    """
+
+    bits: int
+    group: int
+    axis: Axis
+    eta: float = 0.0
+    scale_dtype: torch.dtype = torch.float16
+    packer: BitPacker | None = None
+
+    def __post_init__(self) -> None:
+        _check_bits(self.bits)
+        _check_group(self.group)
+        _check_axis(self.axis)
+        if self.packer is None:
+            object.__setattr__(self, "packer", BitPacker(self.bits))
+        elif self.packer.bits != self.bits:
+            raise ValueError(f"a packer for {self.packer.bits} bits cannot pack {self.bits}-bit codes")
+
+    @property
+    def dim(self) -> int:
+        """The dimension of ``x [..., T, C]`` (and of its grouped view) that a group spans."""
+        return group_dim(self.axis)
+
+    def params(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Scale and zero of ``x``'s groups, as stored (without the codes: a layer that shares another's)."""
+        scale, zero = minmax_params(to_groups(x, self.group, self.axis), self.bits, self.scale_dtype, dim=self.dim)
+        return scale.squeeze(self.dim), zero.squeeze(self.dim)
+
+    def quantize(self, x: Tensor) -> Quantized:
+        """Packed codes, scale and zero of ``x`` (see the module docstring for the layouts)."""
+        # Cast once here rather than once in each of minmax_params and quantize_codes.
+        xg = to_groups(_cast(x, torch.float32), self.group, self.axis)
+        scale, zero = minmax_params(xg, self.bits, self.scale_dtype, dim=self.dim)
+        codes = from_groups(quantize_codes(xg, scale, zero, self.bits), self.axis, x.shape[self.dim])
+        return Quantized(
+            codes=self.packer.pack(codes, in_range=True),  # quantize_codes clamps them
+            scale=scale.squeeze(self.dim),
+            zero=zero.squeeze(self.dim),
+            bits=self.bits,
+            group=xg.shape[self.dim],
+            axis=self.axis,
+            channels=x.shape[-1],
+            dtype=x.dtype,
+        )
+
+    def unpack(self, packed: Tensor, channels: int) -> Tensor:
+        return self.packer.unpack(packed, channels)
+
+    def dequantize(self, codes: Tensor, scale: Tensor, zero: Tensor, dtype: torch.dtype) -> Tensor:
+        """``[..., T, C]`` in ``dtype`` from unpacked codes and their stored scale and zero (calibrated by ``eta``)."""
+        grouped = to_groups(codes, self.group, self.axis)
+        values = dequantize_codes(grouped, scale.unsqueeze(self.dim), zero.unsqueeze(self.dim), self.bits, dtype,
+                                  eta=self.eta)
+        return from_groups(values, self.axis, codes.shape[self.dim])
+
+    def round_trip(self, x: Tensor, codes: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(x quantized and dequantized, in x's dtype; its grouped codes), skipping the packing (the ``sim``
+        protocol). ``codes``: another tensor's grouped codes to reconstruct with x's own scale and zero (shared codes).
+
+        A trailing per-channel group shorter than the group is quantized over the tokens it has (padded with copies
+        of its last token, which move neither its min nor its max), as ragged per-token rows are.
+        """
+        size = x.shape[self.dim]  # of the grouped dimension, before any padding
+        padded = pad_to_groups(x, min(self.group, size), self.dim) if self.axis == "channel" else x
+        grouped = to_groups(padded, self.group, self.axis)
+        scale, zero = minmax_params(grouped, self.bits, self.scale_dtype, dim=self.dim)
+        if codes is None:
+            codes = quantize_codes(grouped, scale, zero, self.bits)
+        out = dequantize_codes(codes, scale, zero, self.bits, torch.float32, eta=self.eta)
+        return _cast(from_groups(out, self.axis, size), x.dtype), codes
+
+    def simulate(self, x: Tensor) -> Tensor:
+        """``x`` as reading it back after quantizing gives it, in one pass (bit-identical to quantize, dequantize)."""
+        return self.round_trip(x)[0]
 
 
 def quantize_per_token(
@@ -488,10 +543,9 @@ def quantize_per_token(
 
     Returns codes ``[..., T, packed_size(C, bits)]`` and scale/zero ``[..., T, ceil(C / g)]``, ``g = min(group, C)``;
     when ``g`` does not divide ``C``, the last group of each row is the ``C mod g`` channels left (ragged). Tokens
-    are independent, so quantizing them one at a time gives identical results. ``packer``: a :class:`BitPacker`
-    for ``bits`` made in advance (a cache's); by default one is made for the call.
+    are independent, so quantizing them one at a time gives identical results.
     """
-    return _quantize(x, bits, group, "token", scale_dtype, packer)
+    return Layout(bits, group, "token", scale_dtype=scale_dtype, packer=packer or BitPacker(bits, x.device)).quantize(x)
 
 
 def quantize_per_channel(
@@ -506,9 +560,10 @@ def quantize_per_channel(
 
     ``T`` must be a multiple of ``g = min(group, T)``. Returns codes ``[..., T, packed_size(C, bits)]`` and
     scale/zero ``[..., T // g, C]``. Blocks of ``g`` tokens are independent, so quantizing them one block at a time
-    gives identical results. ``packer`` as in :func:`quantize_per_token`.
+    gives identical results.
     """
-    return _quantize(x, bits, group, "channel", scale_dtype, packer)
+    layout = Layout(bits, group, "channel", scale_dtype=scale_dtype, packer=packer or BitPacker(bits, x.device))
+    return layout.quantize(x)
 
 
 def dequantize(
@@ -517,35 +572,7 @@ def dequantize(
     """Reconstruct ``[..., T, C]`` from a :class:`Quantized` block, in ``dtype`` (default: the input's dtype).
 
     ``eta`` applies XQuant-KV's data-free calibration (see :func:`calibrated_params`); 0 is plain dequantization.
-    ``packer`` as in :func:`quantize_per_token`.
     """
-    codes = (packer or BitPacker(q.bits, q.codes.device)).unpack(q.codes, q.channels)
-    dim = group_dim(q.axis)
-    cg = to_groups(codes, q.group, q.axis)
-    out = dequantize_codes(
-        cg, q.scale.unsqueeze(dim), q.zero.unsqueeze(dim), q.bits, torch.float32, eta=eta
-    )
-    return _cast(from_groups(out, q.axis, codes.shape[dim]), dtype if dtype is not None else q.dtype)
-
-
-def fake_quantize(
-    x: Tensor,
-    bits: int,
-    group: int,
-    axis: Axis,
-    *,
-    scale_dtype: torch.dtype = torch.float16,
-    eta: float = 0.0,
-) -> Tensor:
-    """Quantize then dequantize ``x [..., T, C]`` in one pass, skipping the packing (the ``sim`` protocol).
-
-    Bit-identical to ``dequantize(quantize_per_*(x, ...), eta=eta)``; returns ``x.dtype``.
-    """
-    _check_bits(bits)
-    _check_group(group)
-    xg = to_groups(_cast(x, torch.float32), group, axis)
-    dim = group_dim(axis)
-    scale, zero = minmax_params(xg, bits, scale_dtype, dim=dim)
-    codes = quantize_codes(xg, scale, zero, bits)
-    out = dequantize_codes(codes, scale, zero, bits, torch.float32, eta=eta)
-    return _cast(from_groups(out, axis, x.shape[dim]), x.dtype)
+    layout = Layout(q.bits, q.group, q.axis, eta=eta, packer=packer or BitPacker(q.bits, q.codes.device))
+    out = layout.dequantize(layout.unpack(q.codes, q.channels), q.scale, q.zero, torch.float32)
+    return _cast(out, dtype if dtype is not None else q.dtype)

@@ -18,11 +18,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .accounting import bytes_per_token, rebuild_flops_per_token, streamed_parameters
 from .cache import CacheSpec
-from .cache.base import REGISTRY
 from .config import ModelConfig
 from .device import synchronize
-from .plan import bytes_per_token
 
 
 @dataclass(frozen=True)
@@ -51,19 +50,6 @@ class DecodeFloor:
     @property
     def bound(self) -> str:
         return "compute" if self.compute_seconds > self.memory_seconds else "memory"
-
-
-def streamed_parameters(config: ModelConfig) -> int:
-    """Weights a decode step reads: all of them but the embedding table, of which it gathers one row per token."""
-    untied_embedding = 0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size
-    return config.num_parameters - untied_embedding
-
-
-def rebuild_flops_per_token(spec: CacheSpec, config: ModelConfig) -> float:
-    """Matrix work one decode query spends per cached token, all layers, to rebuild what the method does not store."""
-    method = REGISTRY[spec.method]
-    spec = method.resolve(spec, config)
-    return sum(method.rebuild_flops_per_token(spec, config, index) for index in range(config.num_layers))
 
 
 def decode_floor(

@@ -1,9 +1,10 @@
 """Cache methods, one file each, behind the interface in `base`."""
 
-from . import asymkv, fp16, kivi, xquant, xquant_cl, xquant_kv
+# Imported in the order tables list the methods: registration order is the registry's.
+from . import fp16, kivi, asymkv, xquant_kv, xquant, xquant_cl  # noqa: I001
 from .base import REGISTRY, Cache, CacheSpec, LayerCache, parse_spec
 
-METHODS = (fp16, kivi, asymkv, xquant, xquant_cl, xquant_kv)
+METHODS = (fp16, kivi, asymkv, xquant_kv, xquant, xquant_cl)
 
 
 def make_cache(spec: str | CacheSpec, model, capacity: int, batch_size: int = 1) -> Cache:
@@ -13,4 +14,9 @@ def make_cache(spec: str | CacheSpec, model, capacity: int, batch_size: int = 1)
     return REGISTRY[spec.method](spec, model, capacity, batch_size)
 
 
-__all__ = ["Cache", "CacheSpec", "LayerCache", "make_cache", "parse_spec", "REGISTRY"]
+def benchmarked_specs() -> tuple[str, ...]:
+    """Every registered method's headline specs: what `bench` and `plan` compare when no --cache is given."""
+    return tuple(spec for method in REGISTRY.values() for spec in method.BENCHMARKED)
+
+
+__all__ = ["benchmarked_specs", "Cache", "CacheSpec", "LayerCache", "make_cache", "parse_spec", "REGISTRY"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from .base import CacheSpec, Option, refuse, register
-from .kivi import KVQuantCache
+from .kv_quant import KVQuantCache
 
 HIGH_BITS, LOW_BITS = 2, 1
 
@@ -37,6 +37,7 @@ def resolve_layer_counts(spec: CacheSpec, config, defaults: dict[str, int]) -> C
 
 @register("asymkv")
 class AsymKVCache(KVQuantCache):
+    BENCHMARKED = ("asymkv",)
     OPTIONS = {
         "lk": layer_count_option(),
         "lv": layer_count_option(),

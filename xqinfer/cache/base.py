@@ -134,22 +134,6 @@ def refuse(spec: CacheSpec, message: str) -> None:
     raise CacheSpecError(f"{spec}: {message}")
 
 
-def layer_bits(spec: CacheSpec, config: ModelConfig, dtype: torch.dtype = torch.float16) -> list[float]:
-    """Per layer, stored bits per K/V element the method keeps for a token (codes, scales, zeros; no residual).
-
-    Computed from the spec and the config alone, so memory can be planned without loading weights.
-    """
-    method = REGISTRY[spec.method]
-    spec = method.resolve(spec, config)
-    return [method.layer_bits_per_element(spec, config, i, dtype) for i in range(config.num_layers)]
-
-
-def normalized_size(spec: CacheSpec, config: ModelConfig, dtype: torch.dtype = torch.float16) -> float:
-    """The papers' convention (METHODS.md section 7): bits stored per cached token over a 16-bit KV cache's."""
-    per_layer = layer_bits(spec, config, dtype)
-    return sum(per_layer) / len(per_layer) / 16.0
-
-
 @dataclass
 class Step:
     """What every layer of one forward shares: where the new tokens go and who may attend to whom.
@@ -200,6 +184,8 @@ class Cache:
 
     method: ClassVar[str] = ""
     OPTIONS: ClassVar[dict[str, Option]] = {}
+    # The specs `bench` and `plan` compare when none is given (the method's headline settings).
+    BENCHMARKED: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -343,10 +329,17 @@ class Cache:
     def layer_nbytes(self) -> list[int]:
         return [sum(t.nbytes for t in layer.tensors()) for layer in self.layers]
 
+    # --- what the method declares about itself: read by `accounting`, `plan`, `ppl` and `bench`, which never name it
+
     @classmethod
     def layer_bits_per_element(cls, spec: CacheSpec, config: ModelConfig, index: int, dtype: torch.dtype) -> float:
-        """Stored bits per K/V-equivalent element of layer `index` (see `layer_bits`)."""
+        """Stored bits per K/V-equivalent element of layer `index`: codes, scales and zeros, not the residual."""
         raise NotImplementedError
+
+    @classmethod
+    def residual_elements(cls, spec: CacheSpec, config: ModelConfig, index: int) -> int:
+        """Full-precision elements (in the model dtype) that layer `index` holds per sequence beyond its codes."""
+        return 0
 
     @classmethod
     def rebuild_flops_per_token(cls, spec: CacheSpec, config: ModelConfig, index: int) -> float:
@@ -354,12 +347,16 @@ class Cache:
         stored: none for methods that store K and V (dequantizing is elementwise)."""
         return 0.0
 
-    def layer_normalized_sizes(self) -> list[float]:
-        return [bits / 16.0 for bits in layer_bits(self.spec, self.config, self.dtype)]
+    @classmethod
+    def code_bits(cls, spec: CacheSpec, config: ModelConfig) -> float | None:
+        """[Y]'s "equivalent bits" of a KV method: code bits per K/V element over all layers, scales and zeros not
+        counted; None for methods that do not store K and V."""
+        return None
 
-    def normalized_size(self) -> float:
-        """Size relative to a 16-bit KV cache of the same model (METHODS.md section 7)."""
-        return normalized_size(self.spec, self.config, self.dtype)
+    @classmethod
+    def bits_label(cls, spec: CacheSpec, config: ModelConfig) -> str:
+        """The bit width tables show: the `bits` option by default."""
+        return str(spec.options["bits"])
 
 
 class LayerCache:

@@ -11,12 +11,22 @@ from .base import Cache, LayerCache, attend, register
 
 @register("fp16")
 class FP16Cache(Cache):
+    BENCHMARKED = ("fp16",)
+
     def make_layer(self, index: int, model) -> LayerCache:
         return FP16LayerCache(self, index)
 
     @classmethod
     def layer_bits_per_element(cls, spec, config, index: int, dtype: torch.dtype = torch.float16) -> float:
         return float(torch.finfo(dtype).bits)
+
+    @classmethod
+    def code_bits(cls, spec, config) -> float:
+        return 16.0
+
+    @classmethod
+    def bits_label(cls, spec, config) -> str:
+        return "16"
 
 
 class FP16LayerCache(LayerCache):

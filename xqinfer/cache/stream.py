@@ -66,7 +66,6 @@ class QuantStream:
         self.axis = axis
         self.residual = residual
         self.dtype = dtype
-        self.scale_dtype = scale_dtype
         self.passthrough = bits == FULL_PRECISION
         if self.passthrough:
             self.group = 1
@@ -91,7 +90,7 @@ class QuantStream:
         # Per channel, the open group's tokens must stay somewhere until it closes, even with residual=0.
         ring = residual if axis == "token" else max(residual, self.group)
         self.ring = torch.zeros(*lead, ring, channels, dtype=dtype, device=device)
-        self.packer = quant.BitPacker(bits, device)
+        self.layout = quant.Layout(bits, self.group, axis, eta, scale_dtype, quant.BitPacker(bits, device))
         # A group's token slots from its first, for the decode step's per-channel write.
         self.group_offsets = torch.arange(self.group, device=device) if axis == "channel" else None
         self.ring_rows = torch.arange(ring, device=device)
@@ -124,15 +123,10 @@ class QuantStream:
         if self.codes_from is not None:
             codes = self.codes_from.last_codes
         else:
-            codes = self.packer.unpack(self.codes[..., :span, :], self.channels)
+            codes = self.layout.unpack(self.codes[..., :span, :], self.channels)
         self.last_codes = codes
         params = span if self.axis == "token" else span // self.group
-        scale, zero = self.scale[..., :params, :], self.zero[..., :params, :]
-        dim = quant.group_dim(self.axis)
-        grouped = quant.to_groups(codes, self.group, self.axis)
-        values = quant.dequantize_codes(grouped, scale.unsqueeze(dim), zero.unsqueeze(dim), self.bits, self.dtype,
-                                        eta=self.eta)
-        values = quant.from_groups(values, self.axis, codes.shape[dim])
+        values = self.layout.dequantize(codes, self.scale[..., :params, :], self.zero[..., :params, :], self.dtype)
         if self.ring_size == 0:
             return values
         if self.ring_size > span:
@@ -185,27 +179,12 @@ class QuantStream:
         return torch.div(length, flush, rounding_mode="floor") * flush
 
     def simulate(self, y: Tensor) -> Tensor:
-        """y [..., T, C] as the `sim` protocol reads it: quantized and dequantized, groups from y's first token.
-
-        A trailing per-channel group shorter than G is quantized over the tokens it has (padding with copies of its
-        last token leaves its min and max, hence its scale and zero, unchanged), as `quant.to_groups` does for the
-        ragged last group of a per-token row.
-        """
+        """y [..., T, C] as the `sim` protocol reads it: quantized and dequantized, groups from y's first token."""
         if self.passthrough:
             return y
-        dim = quant.group_dim(self.axis)
-        size = y.shape[dim]  # of the grouped dimension, before any padding
-        if self.axis == "channel":
-            y = quant.pad_to_groups(y, self.group, dim)
-        grouped = quant.to_groups(y, self.group, self.axis)
-        scale, zero = quant.minmax_params(grouped, self.bits, self.scale_dtype, dim=dim)
-        if self.codes_from is not None:
-            codes = self.codes_from.last_simulated_codes
-        else:
-            codes = quant.quantize_codes(grouped, scale, zero, self.bits)
-        self.last_simulated_codes = codes
-        out = quant.dequantize_codes(codes, scale, zero, self.bits, torch.float32, eta=self.eta)
-        return quant.from_groups(out, self.axis, size).to(y.dtype)
+        shared = self.codes_from.last_simulated_codes if self.codes_from is not None else None
+        values, self.last_simulated_codes = self.layout.round_trip(y, shared)
+        return values
 
     # ------------------------------------------------------------------------------------------------ write
 
@@ -234,19 +213,15 @@ class QuantStream:
         if self.passthrough:
             self.write(y, positions)
             return y
-        q = quant.quantize_per_token(y, self.bits, self.group, scale_dtype=self.scale_dtype, packer=self.packer)
+        q = self.layout.quantize(y)
         self._store_tokens(q.codes, q.scale, q.zero, positions, None)
-        return quant.dequantize(q, self.dtype, eta=self.eta, packer=self.packer)
+        return quant.dequantize(q, self.dtype, eta=self.eta, packer=self.layout.packer)
 
     def _quantize(self, y: Tensor) -> tuple[Tensor | None, Tensor, Tensor]:
         """y's packed codes, scale and zero in the stream's layout; no codes for a stream that reads another's."""
         if self.codes is None:
-            dim = quant.group_dim(self.axis)
-            grouped = quant.to_groups(y, self.group, self.axis)
-            scale, zero = quant.minmax_params(grouped, self.bits, self.scale_dtype, dim=dim)
-            return None, scale.squeeze(dim), zero.squeeze(dim)
-        quantize = quant.quantize_per_token if self.axis == "token" else quant.quantize_per_channel
-        q = quantize(y, self.bits, self.group, scale_dtype=self.scale_dtype, packer=self.packer)
+            return None, *self.layout.params(y)
+        q = self.layout.quantize(y)
         return q.codes, q.scale, q.zero
 
     def _store_tokens(self, codes: Tensor | None, scale: Tensor, zero: Tensor, positions: Tensor,

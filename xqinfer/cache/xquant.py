@@ -21,6 +21,7 @@ from .stream import FULL_PRECISION, QuantStream, stored_bits
 
 @register("xquant")
 class XQuantCache(Cache):
+    BENCHMARKED = ("xquant:bits=4",)
     OPTIONS = {
         "bits": Option(4, choices=(2, 3, 4, 8)),
         "group": Option(128, minimum=1),
@@ -45,6 +46,9 @@ class XQuantCache(Cache):
         if spec.options["outlier"] and not config.is_gqa:
             refuse(spec, "outlier=1 keeps channel 0 of the GQA latents X·Uk and this model is MHA "
                          "(accepted here: outlier=0)")
+        if config.is_gqa and spec.options["residual"] % spec.options["group"]:
+            refuse(spec, "residual must be a multiple of group on a GQA model (key latents are flushed to "
+                         "quantized groups R at a time)")
         return spec
 
     def make_layer(self, index: int, model) -> LayerCache:
@@ -68,6 +72,15 @@ class XQuantCache(Cache):
             # Channel 0 of X·Uk stays in 16 bits instead of its share of codes, scales and zeros.
             keys = ((width - 1) * keys + 16) / width
         return width * (keys + values) / (2 * config.kv_dim)
+
+    @classmethod
+    def residual_elements(cls, spec: CacheSpec, config, index: int) -> int:
+        residual = spec.options["residual"]
+        if not config.is_gqa:
+            return residual * config.hidden_size
+        # Key latents are grouped per channel (their ring holds at least the open group), less a kept outlier channel.
+        width = latent_width(config)
+        return max(residual, spec.options["group"]) * (width - spec.options["outlier"]) + residual * width
 
     @classmethod
     def rebuild_flops_per_token(cls, spec: CacheSpec, config, index: int) -> float:

@@ -19,6 +19,7 @@ from .xquant import attend_values, rotate_stored_keys
 
 @register("xquant-cl")
 class XQuantCLCache(Cache):
+    BENCHMARKED = ("xquant-cl:bits=2",)
     OPTIONS = {
         "bits": Option(2, choices=(1, 2, 3, 4, 8)),
         "base_bits": Option(4, choices=(2, 3, 4, 8)),
@@ -63,6 +64,11 @@ class XQuantCLCache(Cache):
         else:
             per_element = stored_bits(bits, o["group"], width)
         return width * per_element / (2 * config.kv_dim)
+
+    @classmethod
+    def bits_label(cls, spec: CacheSpec, config) -> str:
+        o = spec.options
+        return f"{o['bits']} (first {o['base_layers']} at {o['base_bits']})"
 
     @classmethod
     def rebuild_flops_per_token(cls, spec: CacheSpec, config, index: int) -> float:

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 from .asymkv import HIGH_BITS, LOW_BITS, layer_bits, layer_count_option, resolve_layer_counts
 from .base import CacheSpec, Option, refuse, register
-from .kivi import KVQuantCache
+from .kv_quant import KVQuantCache
 
 
 @register("xquant-kv")
 class XQuantKVCache(KVQuantCache):
+    BENCHMARKED = ("xquant-kv",)
     OPTIONS = {
         "kq": layer_count_option(),
         "vq": layer_count_option(),

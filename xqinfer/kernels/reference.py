@@ -203,12 +203,8 @@ def check_inputs(q: Tensor, keys: QuantizedHistory, values: QuantizedHistory, mk
 
 def _read(history: QuantizedHistory, group: int, axis: str, channels: int, dtype: torch.dtype, eta: float) -> Tensor:
     """The stream as [B, span, C] in `dtype`, exactly as `QuantStream.read` reads it (recent tokens from `exact`)."""
-    unpacked = quant.unpack(history.codes, history.bits, channels)
-    dim = quant.group_dim(axis)
-    grouped = quant.to_groups(unpacked, group, axis)
-    values = quant.dequantize_codes(grouped, history.scale.unsqueeze(dim), history.zero.unsqueeze(dim), history.bits,
-                                    dtype, eta=eta)
-    values = quant.from_groups(values, axis, unpacked.shape[dim])
+    layout = quant.Layout(history.bits, group, axis, eta, packer=quant.BitPacker(history.bits, history.codes.device))
+    values = layout.dequantize(layout.unpack(history.codes, channels), history.scale, history.zero, dtype)
     override = history.override
     if override is None:
         return values
