@@ -251,7 +251,7 @@ def run_case(batch: int, span: int, bits: int, args, peaks: dict) -> dict:
         try:
             launch = fused.prepare(*problem, config=config)
             out = fused.fused_latent_attention(*problem, config=config)
-            entry["splits"] = launch.steps[0].grid[1]
+            entry["splits"] = launch.calls[0].grid[1]
             entry["rel_error"] = relative_error(out, exact)
 
             def call(config=config):

@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import replace
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -27,9 +26,9 @@ pytest.importorskip("triton", reason="triton is not installed (optional: pip ins
                                      "the fused kernels are skipped and xqinfer uses the torch path")
 
 from xqinfer import quant  # noqa: E402
+from xqinfer.attention import attend_rebuilt  # noqa: E402
 from xqinfer.cache.base import EMPTY_SLOT  # noqa: E402
 from xqinfer.cache.stream import QuantStream  # noqa: E402
-from xqinfer.cache.xquant import attend_values  # noqa: E402
 from xqinfer.kernels import (  # noqa: E402
     KernelConfig,
     Override,
@@ -284,8 +283,8 @@ def test_integration_recipe_matches_the_cache_path(fused):
     # What XQuantGQALayer.attend computes for a decode step (absorb=1).
     keys = key_stream.read(stored_length, slot_positions) @ mk
     keys = apply_rotary(keys.view(batch, span, kv_heads, head_dim).transpose(1, 2), cos, sin)
-    parent = SimpleNamespace(spec=SimpleNamespace(options={"absorb": 1}))
-    expected = attend_values(parent, q, keys, value_stream.read(stored_length, slot_positions), mv, mask)
+    values = value_stream.read(stored_length, slot_positions)
+    expected = attend_rebuilt(q, keys, values, mv, None, mask, 1 / math.sqrt(head_dim), absorb=True)
 
     def override(stream):
         recent = (slot_positions >= stream._full_precision_from(stored_length)) & (slot_positions >= 0)
@@ -382,8 +381,8 @@ def case(dtype, key_bits, value_bits, key_axis, override, eta, kv_block):
 
 
 for spec in [(torch.bfloat16, 4, 3, "channel", True, 0.0, 1), (torch.float16, 2, 8, "token", False, 0.1, 2)]:
-    for step in case(*spec).steps:
-        step.kernel.warmup(*step.args, grid=step.grid, **step.meta, **step.options)
+    for call in case(*spec).calls:
+        call.kernel.warmup(*call.args, grid=call.grid, **call.meta, **call.options)
     print("compiled", *spec)
 """
 
@@ -428,9 +427,8 @@ def _decode_through_glue(monkeypatch, config, spec: str, capacity: int, prompt: 
     errors = []
     original = layer_cls.attend
 
-    def spy(self, x, q, k, v, positions):
-        out = original(self, x, q, k, v, positions)
-        step = self.parent.step
+    def spy(self, step, x, q, k, v):
+        out = original(self, step, x, q, k, v)
         if not step.concat:
             assert fusable(self, q, step, interpreter=True) is None, fusable(self, q, step, interpreter=True)
             if not q.is_cuda:  # without the opt-in, a CPU model keeps its torch path even under TRITON_INTERPRET=1
@@ -466,7 +464,7 @@ def test_glue_gqa_decode_matches_the_layer(monkeypatch, case):
     import dataclasses
 
     from xqinfer.cache.xquant import XQuantGQALayer
-    from xqinfer.kernels.xquant_decode import gqa_decode, gqa_fusable
+    from xqinfer.cache.xquant_decode import gqa_decode, gqa_fusable
     from xqinfer.presets import preset_config
 
     changes, spec = GLUE_GQA[case]
@@ -487,7 +485,7 @@ def test_glue_mha_decode_matches_the_layer(monkeypatch, case):
     import dataclasses
 
     from xqinfer.cache.xquant import XQuantMHALayer
-    from xqinfer.kernels.xquant_decode import mha_decode, mha_fusable
+    from xqinfer.cache.xquant_decode import mha_decode, mha_fusable
     from xqinfer.presets import preset_config
 
     config = dataclasses.replace(preset_config("llama-tiny"), **GLUE_MHA[case])
@@ -499,7 +497,7 @@ def test_glue_mha_decode_matches_the_layer(monkeypatch, case):
 def test_glue_refuses_what_the_kernel_does_not_do():
     from types import SimpleNamespace as NS
 
-    from xqinfer.kernels.xquant_decode import gqa_fusable
+    from xqinfer.cache.xquant_decode import gqa_fusable
 
     stream = NS(passthrough=False, codes=torch.zeros(1))
     layer = NS(outlier_channel=None, key_latents=stream, value_latents=stream, mv=torch.zeros(64, 64),

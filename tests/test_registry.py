@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from xqinfer import cli
+from xqinfer.attention import attend
 from xqinfer.cache import REGISTRY, benchmarked_specs
-from xqinfer.cache.base import Cache, LayerCache, Option, attend, register
+from xqinfer.cache.base import Cache, LayerCache, Option, register
 from xqinfer.rope import apply_rotary
 
 
@@ -25,8 +26,7 @@ class RoundedLayer(LayerCache):
         self.keys = torch.zeros(shape, dtype=torch.bfloat16, device=parent.device)
         self.values = torch.zeros(shape, dtype=torch.bfloat16, device=parent.device)
 
-    def attend(self, x, q, k, v, positions):
-        step = self.parent.step
+    def attend(self, step, x, q, k, v):
         k = apply_rotary(k, step.cos, step.sin)
         tail = step.slots.shape[0]
         if step.concat:
@@ -34,9 +34,10 @@ class RoundedLayer(LayerCache):
         self.keys.index_copy_(2, step.slots, k[:, :, -tail:].to(torch.bfloat16))
         self.values.index_copy_(2, step.slots, v[:, :, -tail:].to(torch.bfloat16))
         if step.concat:
-            return attend(q, torch.cat((history[0], k), dim=2), torch.cat((history[1], v), dim=2), step.mask)
-        return attend(q, self.keys[:, :, : step.span].to(q.dtype), self.values[:, :, : step.span].to(q.dtype),
-                      step.mask)
+            keys, values = torch.cat((history[0], k), dim=2), torch.cat((history[1], v), dim=2)
+        else:
+            keys, values = self.keys[:, :, : step.span].to(q.dtype), self.values[:, :, : step.span].to(q.dtype)
+        return attend(q, keys, values, step.mask, self.projection.scale)
 
     def tensors(self):
         return [self.keys, self.values]
@@ -51,7 +52,7 @@ def toy_method():
         BENCHMARKED = ("toy-bf16",)
         OPTIONS = {"note": Option(7, minimum=0)}
 
-        def make_layer(self, index, model):
+        def make_layer(self, index):
             return RoundedLayer(self, index)
 
         @classmethod

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .attention import KVProjection
 from .config import ModelConfig
 from .rope import Rotary, apply_rotary
 
@@ -72,13 +73,13 @@ class Attention(nn.Module):
         q_dim, kv_dim, _ = self.qkv_sizes
         return self.qkv_proj.weight[q_dim + kv_dim :]
 
-    def forward(self, x: Tensor, positions: Tensor, cos: Tensor, sin: Tensor, layer_cache) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, layer_cache, step) -> Tensor:
         batch, length, _ = x.shape
         q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
         q = q.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
         k = k.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        out = layer_cache.attend(x, apply_rotary(q, cos, sin), k, v, positions)
+        out = layer_cache.attend(step, x, apply_rotary(q, cos, sin), k, v)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
 
 
@@ -102,8 +103,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, h: Tensor, positions: Tensor, cos: Tensor, sin: Tensor, layer_cache) -> Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), positions, cos, sin, layer_cache)
+    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, layer_cache, step) -> Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, layer_cache, step)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -132,6 +133,11 @@ class Transformer(nn.Module):
     def output_weight(self) -> Tensor:
         return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
 
+    def kv_projections(self) -> list[KVProjection]:
+        """Each layer's attention as a cache may know it (views of the weights, no copy)."""
+        return [KVProjection.plain(block.self_attn.wk, block.self_attn.wv, self.config.head_dim, self.rotary)
+                for block in self.model.layers]
+
     def forward(
         self, tokens: Tensor, positions: Tensor, cache, last_only: bool = False, span: int | None = None
     ) -> Tensor:
@@ -142,9 +148,9 @@ class Transformer(nn.Module):
         """
         h = self.model.embed_tokens(tokens)
         cos, sin = self.rotary.cos_sin(positions, h.dtype)
-        cache.begin(positions, span)
+        step = cache.begin(positions, (cos, sin), span)
         for index, block in enumerate(self.model.layers):
-            h = block(h, positions, cos, sin, cache.layer(index))
+            h = block(h, cos, sin, cache.layer(index), step)
         cache.end()
         if last_only:
             h = h[:, -1:]

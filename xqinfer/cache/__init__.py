@@ -8,10 +8,11 @@ METHODS = (fp16, kivi, asymkv, xquant_kv, xquant, xquant_cl)
 
 
 def make_cache(spec: str | CacheSpec, model, capacity: int, batch_size: int = 1) -> Cache:
-    """Builds the cache a spec names, preallocated for `capacity` tokens of `batch_size` sequences."""
+    """Builds the cache a spec names over a model's attention layers (`model.kv_projections()`), preallocated for
+    `capacity` tokens of `batch_size` sequences."""
     if isinstance(spec, str):
         spec = parse_spec(spec)
-    return REGISTRY[spec.method](spec, model, capacity, batch_size)
+    return REGISTRY[spec.method](spec, model.config, model.kv_projections(), capacity, batch_size)
 
 
 def benchmarked_specs() -> tuple[str, ...]:

@@ -1,9 +1,10 @@
-"""The model <-> cache seam: spec parsing, the method registry, token-slot bookkeeping, attention and accounting.
+"""The model <-> cache seam: spec parsing, the method registry, token-slot bookkeeping and what methods declare.
 
-A cache is one model-level object holding one layer cache per transformer layer. The model calls
-`cache.begin(positions)`, then `cache.layer(i).attend(x, q, k, v, positions)` for every layer, then `cache.end()`.
-Everything a method stores lives in tensors allocated once at construction (capacity tokens), so the decode step
-has static shapes: the current fill is carried by `slot_positions`, a tensor, never by a Python int.
+A cache is one model-level object holding one layer cache per transformer layer, built over the layers'
+`KVProjection`s (never the model itself). For each forward the model calls `step = cache.begin(positions, rope)`,
+then `cache.layer(i).attend(step, x, q, k, v)` for every layer, then `cache.end()`. Everything a method stores
+lives in tensors allocated once at construction (capacity tokens), so the decode step has static shapes: the
+current fill is carried by `slot_positions`, a tensor, never by a Python int.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from functools import cached_property
 from typing import Any, Callable, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from ..attention import KVProjection
 from ..config import ModelConfig
 from ..errors import CacheSpecError, XQInferWarning
 from ..rope import Rotary
@@ -154,7 +155,7 @@ class Step:
     stored_length: Tensor  # scalar: tokens held when the method reads the buffer
     key_positions: Tensor  # positions of the keys attended over
     mask: Tensor  # [T, keys] True where attention is allowed
-    cos: Tensor  # RoPE tables for the new tokens [T, head_dim]
+    cos: Tensor  # RoPE tables for the new tokens [T, head_dim], the model's own (computed once per forward)
     sin: Tensor
     rotary: Rotary
     dtype: torch.dtype
@@ -168,6 +169,13 @@ class Step:
         # Computed over the stored and the new positions together so that dynamic scaling sees the current length.
         cos, sin = self.rotary.cos_sin(torch.cat((self.stored_positions.clamp(min=0), self.positions)), self.dtype)
         return cos[: self.span], sin[: self.span]
+
+    def key_rope(self, count: int) -> tuple[Tensor, Tensor]:
+        """RoPE tables for `count` rebuilt keys: the stored slots', then the new tokens' when they were appended."""
+        cos, sin = self.stored_rope
+        if count > cos.shape[0]:
+            cos, sin = torch.cat((cos, self.cos)), torch.cat((sin, self.sin))
+        return cos, sin
 
     def read_around_write(self, write: Callable[[], None], read: Callable[[], Any]) -> Any:
         """Runs a layer's write and read in the order this step attends in: read first when concatenating."""
@@ -190,19 +198,20 @@ class Cache:
     def __init__(
         self,
         spec: CacheSpec,
-        model,
+        config: ModelConfig,
+        projections: list[KVProjection],
         capacity: int,
         batch_size: int = 1,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> None:
-        config: ModelConfig = model.config
         spec = type(self).resolve(spec, config)
         self.spec = spec
         self.config = config
+        self.projections = projections
         self.batch_size = batch_size
-        self.dtype = dtype or model.output_weight().dtype
-        self.device = torch.device(device) if device is not None else model.output_weight().device
+        self.dtype = dtype or projections[0].wk.dtype
+        self.device = torch.device(device) if device is not None else projections[0].wk.device
         # A sliding-window model only ever needs its window: the buffers become a ring that wraps around.
         self.window = config.sliding_window
         self.is_ring = self.window is not None and capacity > self.window
@@ -214,16 +223,16 @@ class Cache:
         self.capacity = -(-(needed + self.slack) // multiple) * multiple
         # What the layers size their residual rings by (None for methods without one); the spec stays as given.
         self.residual: int | None = self.fit_residual(spec)
-        self.rotary: Rotary = model.rotary
+        self.rotary: Rotary = projections[0].rotary
         self.slot_positions = torch.full((self.capacity,), EMPTY_SLOT, dtype=torch.long, device=self.device)
-        self.step: Step | None = None
+        self.step: Step | None = None  # the forward in progress, between begin and end
         # The papers' `sim` protocol: the new tokens, too, are attended through their quantized form.
         self.simulate = False
         # Built in order, so a layer may refer to the one before it (XQuant-KV's shared codes).
         self.layers: list[LayerCache] = []
         try:
             for index in range(config.num_layers):
-                self.layers.append(self.make_layer(index, model))
+                self.layers.append(self.make_layer(index))
         except CacheSpecError as exc:
             message = str(exc)
             raise CacheSpecError(message if message.startswith(str(spec)) else f"{spec}: {message}") from None
@@ -269,14 +278,15 @@ class Cache:
         """The spec with the options that depend on the model (left as None when parsed) filled in and checked."""
         return spec
 
-    def make_layer(self, index: int, model) -> "LayerCache":
+    def make_layer(self, index: int) -> "LayerCache":
         raise NotImplementedError
 
     def layer(self, index: int) -> "LayerCache":
         return self.layers[index]
 
-    def begin(self, positions: Tensor, span: int | None = None) -> None:
-        """Prepares one forward over `positions`, reading only the first `span` slots (all by default).
+    def begin(self, positions: Tensor, rope: tuple[Tensor, Tensor], span: int | None = None) -> Step:
+        """Prepares one forward over `positions` whose RoPE tables are `rope` (the model's, [T, head_dim] each),
+        reading only the first `span` slots (all by default); returns the step every layer attends in.
 
         A span is how rebuild cost follows the real length rather than the capacity: the caller guarantees that
         every filled slot and every slot written lies below it (true of a non-ring buffer filled from slot 0).
@@ -293,11 +303,11 @@ class Cache:
         concat = length > 1 and (self.always_concat or self.is_ring)
         key_positions = torch.cat((history, positions)) if concat else updated
         stored_positions, stored_length = (history, positions[0]) if concat else (updated, positions[-1] + 1)
-        cos, sin = self.rotary.cos_sin(positions, self.dtype)
         mask = attention_mask(positions, key_positions, self.window)
         self.step = Step(positions, positions[0], slots, concat, span, stored_positions, stored_length,
-                         key_positions, mask, cos, sin, self.rotary, self.dtype)
+                         key_positions, mask, *rope, self.rotary, self.dtype)
         self._updated_slots = updated
+        return self.step
 
     def fit_span(self, span: int) -> int:
         """`span` rounded up to whole quantization groups, at most the capacity."""
@@ -365,6 +375,7 @@ class LayerCache:
     def __init__(self, parent: Cache, index: int) -> None:
         self.parent = parent
         self.index = index
+        self.projection: KVProjection = parent.projections[index]
         # How the last single-token step attended: "torch", or "triton" where a method ran a fused kernel. Set
         # while the step is traced (also under CUDA-graph capture), so it describes what a replay runs.
         self.decode_path = "torch"
@@ -373,7 +384,9 @@ class LayerCache:
         if step.positions.shape[0] == 1:
             self.decode_path = "triton" if fused else "torch"
 
-    def attend(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
+    def attend(self, step: Step, x: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Stores the step's new tokens and attends: x [B, T, d] the layer's post-norm input, q [B, H, T, D]
+        rotated, k and v [B, Hkv, T, D] not rotated (as the projection gives them)."""
         raise NotImplementedError
 
     def tensors(self) -> list[Tensor]:
@@ -393,17 +406,3 @@ def attention_mask(query_positions: Tensor, key_positions: Tensor, window: int |
         allowed &= k > q - window
     return allowed
 
-
-def attend(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:
-    """Grouped-query attention of q [B, H, T, D] over keys/values [B, Hkv, S, D] under mask [T, S].
-
-    The query heads that share a KV head are folded into the time axis, so K and V are never repeated.
-    """
-    batch, heads, length, dim = q.shape
-    kv_heads = keys.shape[1]
-    group = heads // kv_heads
-    if group > 1:
-        q = q.reshape(batch, kv_heads, group * length, dim)
-        mask = mask.repeat(group, 1)
-    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-    return out.reshape(batch, heads, length, dim)

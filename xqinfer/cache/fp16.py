@@ -5,15 +5,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..attention import attend
 from ..rope import apply_rotary
-from .base import Cache, LayerCache, attend, register
+from .base import Cache, LayerCache, Step, register
 
 
 @register("fp16")
 class FP16Cache(Cache):
     BENCHMARKED = ("fp16",)
 
-    def make_layer(self, index: int, model) -> LayerCache:
+    def make_layer(self, index: int) -> LayerCache:
         return FP16LayerCache(self, index)
 
     @classmethod
@@ -37,17 +38,17 @@ class FP16LayerCache(LayerCache):
         self.keys = torch.zeros(shape, dtype=parent.dtype, device=parent.device)
         self.values = torch.zeros(shape, dtype=parent.dtype, device=parent.device)
 
-    def attend(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
-        step = self.parent.step
+    def attend(self, step: Step, x: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        scale = self.projection.scale
         k = apply_rotary(k, step.cos, step.sin)
         keys, values = self.keys[:, :, : step.span], self.values[:, :, : step.span]
         if step.concat:
-            out = attend(q, torch.cat((keys, k), dim=2), torch.cat((values, v), dim=2), step.mask)
+            out = attend(q, torch.cat((keys, k), dim=2), torch.cat((values, v), dim=2), step.mask, scale)
         tail = step.slots.shape[0]
         self.keys.index_copy_(2, step.slots, k[:, :, -tail:])
         self.values.index_copy_(2, step.slots, v[:, :, -tail:])
         if not step.concat:
-            out = attend(q, keys, values, step.mask)
+            out = attend(q, keys, values, step.mask, scale)
         return out
 
     def tensors(self) -> list[Tensor]:

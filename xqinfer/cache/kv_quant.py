@@ -7,8 +7,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..attention import attend
 from ..rope import apply_rotary
-from .base import Cache, CacheSpec, LayerCache, attend, refuse
+from .base import Cache, CacheSpec, LayerCache, Step, refuse
 from .stream import FULL_PRECISION, QuantStream, stored_bits
 
 
@@ -53,7 +54,7 @@ class KVQuantCache(Cache):
     def capacity_multiple(self) -> int:
         return self.spec.options["group"]
 
-    def make_layer(self, index: int, model) -> LayerCache:
+    def make_layer(self, index: int) -> LayerCache:
         return KVQuantLayer(self, index)
 
     @classmethod
@@ -103,8 +104,8 @@ class KVQuantLayer(LayerCache):
                                   codes_from=previous.values if kind.shares_value_codes(spec, index) else None,
                                   **common)
 
-    def attend(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
-        step, prerope = self.parent.step, self.parent.prerope
+    def attend(self, step: Step, x: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        prerope, positions = self.parent.prerope, step.positions
         k_rotated = apply_rotary(k, step.cos, step.sin)
         stored_k = k if prerope else k_rotated
 
@@ -127,7 +128,7 @@ class KVQuantLayer(LayerCache):
                 new_v = self.values.simulate(v)
             keys = torch.cat((keys, new_k), dim=-2)
             values = torch.cat((values, new_v), dim=-2)
-        return attend(q, keys, values, step.mask)
+        return attend(q, keys, values, step.mask, self.projection.scale)
 
     def tensors(self) -> list[Tensor]:
         return self.keys.tensors() + self.values.tensors()

@@ -8,15 +8,14 @@ after, since V carries no RoPE; this removes the V rebuild.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
-from ..kernels.xquant_decode import gqa_decode, gqa_fusable, mha_decode, mha_fusable
+from ..attention import attend_rebuilt, rebuild_keys
 from ..rope import apply_rotary
-from .base import Cache, CacheSpec, LayerCache, Option, attend, refuse, register
+from .base import Cache, CacheSpec, LayerCache, Option, Step, refuse, register
 from .stream import FULL_PRECISION, QuantStream, stored_bits
+from .xquant_decode import gqa_decode, gqa_fusable, mha_decode, mha_fusable
 
 
 @register("xquant")
@@ -51,10 +50,8 @@ class XQuantCache(Cache):
                          "quantized groups R at a time)")
         return spec
 
-    def make_layer(self, index: int, model) -> LayerCache:
-        if not self.config.is_gqa:
-            return XQuantMHALayer(self, index, model.layers[index].self_attn)
-        return XQuantGQALayer(self, index, model.layers[index].self_attn)
+    def make_layer(self, index: int) -> LayerCache:
+        return XQuantGQALayer(self, index) if self.config.is_gqa else XQuantMHALayer(self, index)
 
     @classmethod
     def layer_bits_per_element(cls, spec: CacheSpec, config, index: int, dtype: torch.dtype = torch.float16) -> float:
@@ -92,16 +89,14 @@ class XQuantCache(Cache):
 
 
 class XQuantMHALayer(LayerCache):
-    def __init__(self, parent: XQuantCache, index: int, attention) -> None:
+    def __init__(self, parent: XQuantCache, index: int) -> None:
         super().__init__(parent, index)
         o, config = parent.spec.options, parent.config
-        self.wk = attention.wk
-        self.wv = attention.wv
         self.x = QuantStream((parent.batch_size,), parent.capacity, config.hidden_size, o["bits"], o["group"], "token",
                              parent.residual, parent.dtype, parent.device, eta=o["eta"])
 
-    def attend(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
-        step = self.parent.step
+    def attend(self, step: Step, x: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        p, absorb, positions = self.projection, self.parent.spec.options["absorb"], step.positions
         fused = mha_fusable(self, q, step) is None
         self.note_decode_path(step, fused)
         if fused:
@@ -112,25 +107,27 @@ class XQuantMHALayer(LayerCache):
             lambda: self.x.write(x, positions, step.shared),
             lambda: self.x.read(step.stored_length, step.stored_positions, step.shared),
         )
-        keys = rotate_stored_keys(stored @ self.wk.T, k.shape, step)
+        keys = rebuild_keys(stored, p.wk.T, p.bk, p.head_dim, *step.stored_rope)
         if not step.concat:
-            return attend_values(self.parent, q, keys, stored, self.wv.T, step.mask)
+            return attend_rebuilt(q, keys, stored, p.wv.T, p.bv, step.mask, p.scale, absorb)
         if self.parent.simulate:
             x = self.x.simulate(x)
-            k = (x @ self.wk.T).view(k.shape[0], -1, k.shape[1], k.shape[3]).transpose(1, 2)
-        keys = torch.cat((keys, apply_rotary(k, step.cos, step.sin)), dim=2)
-        return attend_values(self.parent, q, keys, torch.cat((stored, x), dim=-2), self.wv.T, step.mask)
+            new_keys = rebuild_keys(x, p.wk.T, p.bk, p.head_dim, step.cos, step.sin)
+        else:
+            new_keys = apply_rotary(k, step.cos, step.sin)
+        keys = torch.cat((keys, new_keys), dim=2)
+        return attend_rebuilt(q, keys, torch.cat((stored, x), dim=-2), p.wv.T, p.bv, step.mask, p.scale, absorb)
 
     def tensors(self) -> list[Tensor]:
         return self.x.tensors()
 
 
 class XQuantGQALayer(LayerCache):
-    def __init__(self, parent: XQuantCache, index: int, attention) -> None:
+    def __init__(self, parent: XQuantCache, index: int) -> None:
         super().__init__(parent, index)
         o, config = parent.spec.options, parent.config
-        self.uk, self.mk = latent_factors(attention.wk)
-        self.uv, self.mv = latent_factors(attention.wv)
+        self.uk, self.mk = latent_factors(self.projection.wk)
+        self.uv, self.mv = latent_factors(self.projection.wv)
         self.outlier = bool(o["outlier"])
         lead, dtype = (parent.batch_size,), parent.dtype
         width = latent_width(config)
@@ -143,8 +140,8 @@ class XQuantGQALayer(LayerCache):
             if self.outlier else None
         )
 
-    def attend(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
-        step = self.parent.step
+    def attend(self, step: Step, x: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        p, positions = self.projection, step.positions
         fused = gqa_fusable(self, q, step) is None
         self.note_decode_path(step, fused)
         if fused:
@@ -159,8 +156,9 @@ class XQuantGQALayer(LayerCache):
                 new_keys, new_values = self._simulate(new_keys), self.value_latents.simulate(new_values)
             stored_keys = torch.cat((stored_keys, new_keys), dim=-2)
             stored_values = torch.cat((stored_values, new_values), dim=-2)
-        keys = rotate_stored_keys(stored_keys @ self.mk, k.shape, step)
-        return attend_values(self.parent, q, keys, stored_values, self.mv, step.mask)
+        keys = rebuild_keys(stored_keys, self.mk, p.bk, p.head_dim, *step.key_rope(stored_keys.shape[-2]))
+        return attend_rebuilt(q, keys, stored_values, self.mv, p.bv, step.mask, p.scale,
+                              self.parent.spec.options["absorb"])
 
     def _write(self, key_latents: Tensor, value_latents: Tensor, positions: Tensor, shared: dict) -> None:
         if self.outlier_channel is not None:
@@ -168,7 +166,7 @@ class XQuantGQALayer(LayerCache):
         self.key_latents.write(key_latents[..., int(self.outlier):], positions, shared)
         self.value_latents.write(value_latents, positions, shared)
 
-    def _read(self, step) -> tuple[Tensor, Tensor]:
+    def _read(self, step: Step) -> tuple[Tensor, Tensor]:
         keys = self.key_latents.read(step.stored_length, step.stored_positions, step.shared)
         if self.outlier_channel is not None:
             outlier = self.outlier_channel.read(step.stored_length, step.stored_positions, step.shared)
@@ -195,39 +193,3 @@ def latent_factors(weight: Tensor) -> tuple[Tensor, Tensor]:
     """(U, M) with `weightᵀ = U·M`: U [d, r] the left singular vectors, M = Σ·Bᵀ [r, d_kv], r = min(d, d_kv) (exact)."""
     u, sigma, bt = torch.linalg.svd(weight.T.to(torch.float64), full_matrices=False)
     return u.to(weight.dtype).contiguous(), (sigma[:, None] * bt).to(weight.dtype).contiguous()
-
-
-def rotate_stored_keys(keys: Tensor, head_shape: torch.Size, step) -> Tensor:
-    """Rebuilt keys [B, N, kv_dim] -> [B, Hkv, N, head_dim], rotated at their positions.
-
-    N is the capacity (the stored slots, at `step.stored_positions`) or capacity + T when the new tokens were
-    appended (`step.concat`), whose tables are the step's own.
-    """
-    batch, count, _ = keys.shape
-    keys = keys.view(batch, count, head_shape[1], head_shape[3]).transpose(1, 2)
-    cos, sin = step.stored_rope
-    if count > cos.shape[0]:
-        cos, sin = torch.cat((cos, step.cos)), torch.cat((sin, step.sin))
-    return apply_rotary(keys, cos, sin)
-
-
-def attend_values(parent: Cache, q: Tensor, keys: Tensor, sources: Tensor, projection: Tensor, mask: Tensor) -> Tensor:
-    """Attention whose values are `sources @ projection`, split per KV head (V = X·Wv, or latents·Mv).
-
-    Absorbed: weights · sources first, then the projection, which skips rebuilding V; it pays while the queries
-    are few (decode), since the weighted sum then runs over the wider X instead of V.
-    """
-    batch, heads, length, head_dim = q.shape
-    kv_heads = keys.shape[1]
-    absorb = parent.spec.options["absorb"] and length * heads <= projection.shape[1]
-    if not absorb:
-        values = (sources @ projection).view(batch, -1, kv_heads, head_dim).transpose(1, 2)
-        return attend(q, keys, values, mask)
-    group = heads // kv_heads
-    scores = q.reshape(batch, kv_heads, group * length, head_dim) @ keys.transpose(-1, -2) / math.sqrt(head_dim)
-    scores = scores.masked_fill(~mask.repeat(group, 1), float("-inf"))
-    weights = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-    mixed = weights @ sources.unsqueeze(1)  # [B, Hkv, group*T, width]
-    per_head = projection.view(projection.shape[0], kv_heads, head_dim).transpose(0, 1)  # [Hkv, width, head_dim]
-    out = mixed @ per_head
-    return out.reshape(batch, heads, length, head_dim)

@@ -11,10 +11,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..attention import attend_rebuilt, rebuild_keys
 from ..rope import apply_rotary
-from .base import Cache, CacheSpec, LayerCache, Option, refuse, register
+from .base import Cache, CacheSpec, LayerCache, Option, Step, refuse, register
 from .stream import FULL_PRECISION, QuantStream, stored_bits
-from .xquant import attend_values, rotate_stored_keys
 
 
 @register("xquant-cl")
@@ -29,11 +29,11 @@ class XQuantCLCache(Cache):
         "eta": Option(0.0, minimum=0.0, maximum=0.5),
     }
 
-    def __init__(self, spec: CacheSpec, model, *args, **kwargs) -> None:
+    def __init__(self, *args, **kwargs) -> None:
         # X̂ of the previous layer, for the stored slots and for this step's new tokens.
         self.previous_history: Tensor | None = None
         self.previous_new: Tensor | None = None
-        super().__init__(spec, model, *args, **kwargs)
+        super().__init__(*args, **kwargs)
 
     @classmethod
     def resolve(cls, spec: CacheSpec, config) -> CacheSpec:
@@ -47,8 +47,8 @@ class XQuantCLCache(Cache):
     def always_concat(self) -> bool:
         return True
 
-    def make_layer(self, index: int, model) -> LayerCache:
-        return XQuantCLLayer(self, index, model.layers[index].self_attn)
+    def make_layer(self, index: int) -> LayerCache:
+        return XQuantCLLayer(self, index)
 
     def end(self) -> None:
         super().end()
@@ -81,38 +81,38 @@ class XQuantCLCache(Cache):
 
 
 class XQuantCLLayer(LayerCache):
-    def __init__(self, parent: XQuantCLCache, index: int, attention) -> None:
+    def __init__(self, parent: XQuantCLCache, index: int) -> None:
         super().__init__(parent, index)
         o, config = parent.spec.options, parent.config
         self.is_base = index < o["base_layers"]
-        self.wk = attention.wk
-        self.wv = attention.wv
-        self.basis = shared_basis(self.wk, self.wv) if config.is_gqa else None
+        self.basis = shared_basis(self.projection.wk, self.projection.wv) if config.is_gqa else None
         width = self.basis.shape[1] if self.basis is not None else config.hidden_size
         bits = o["base_bits"] if self.is_base else o["bits"]
         self.stream = QuantStream((parent.batch_size,), parent.capacity, width, bits, o["group"], "token", 0,
                                   parent.dtype, parent.device, eta=o["eta"])
 
-    def attend(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
-        parent, step = self.parent, self.parent.step
+    def attend(self, step: Step, x: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        parent, p, absorb = self.parent, self.projection, self.parent.spec.options["absorb"]
         source = x if self.is_base else x - parent.previous_new
         written: list[Tensor] = []
         stored = step.read_around_write(
-            lambda: written.append(self.stream.write_reconstructed(self._to_stream_basis(source), positions)),
+            lambda: written.append(self.stream.write_reconstructed(self._to_stream_basis(source), step.positions)),
             lambda: self._to_model_basis(self.stream.read(step.stored_length, step.stored_positions, step.shared)),
         )
         new = self._to_model_basis(written[0])
         if not self.is_base:
             stored, new = parent.previous_history + stored, parent.previous_new + new
         parent.previous_history, parent.previous_new = stored, new
-        keys = rotate_stored_keys(stored @ self.wk.T, k.shape, step)
+        keys = rebuild_keys(stored, p.wk.T, p.bk, p.head_dim, *step.stored_rope)
         if not step.concat:
-            return attend_values(parent, q, keys, stored, self.wv.T, step.mask)
-        attended = new if parent.simulate else x
+            return attend_rebuilt(q, keys, stored, p.wv.T, p.bv, step.mask, p.scale, absorb)
         if parent.simulate:
-            k = (new @ self.wk.T).view(k.shape[0], -1, k.shape[1], k.shape[3]).transpose(1, 2)
-        keys = torch.cat((keys, apply_rotary(k, step.cos, step.sin)), dim=2)
-        return attend_values(parent, q, keys, torch.cat((stored, attended), dim=-2), self.wv.T, step.mask)
+            attended, new_keys = new, rebuild_keys(new, p.wk.T, p.bk, p.head_dim, step.cos, step.sin)
+        else:
+            attended, new_keys = x, apply_rotary(k, step.cos, step.sin)
+        keys = torch.cat((keys, new_keys), dim=2)
+        return attend_rebuilt(q, keys, torch.cat((stored, attended), dim=-2), p.wv.T, p.bv, step.mask, p.scale,
+                              absorb)
 
     def _to_stream_basis(self, x: Tensor) -> Tensor:
         return x if self.basis is None else x @ self.basis

@@ -16,9 +16,9 @@ latents (V absorbed: the caller applies Mv per head). `fused_x_attention` is the
 (`fused_supported`), else `latent_attention_reference`, the torch path, which is also the test reference. Triton is
 an optional dependency (`pip install xqinfer[triton]`); this package imports without it.
 
-Modules: `reference` (the torch path, argument checks, `QuantizedHistory`, `Override`, `KernelConfig`), `fused` (the
-Triton kernels, imported only when used), `xquant_decode` (the glue an `xquant` layer's decode step calls: buffers and
-residual rings of its streams in, attention output out).
+Modules: `reference` (the torch path, argument checks, `QuantizedHistory`, `Override`, `KernelConfig`) and `fused`
+(the Triton kernels, imported only when used). Both take tensors only; the glue that turns an `xquant` layer's
+streams into these arguments is `xqinfer/cache/xquant_decode.py`.
 """
 
 from __future__ import annotations
@@ -90,14 +90,14 @@ def fused_x_attention(*args, **kwargs) -> Tensor:
 
 def latent_attention(q: Tensor, keys: QuantizedHistory, values: QuantizedHistory, mk: Tensor, cos: Tensor, sin: Tensor,
                      mask: Tensor, group: int, *, eta: float = 0.0, key_axis: str = "channel",
-                     config: KernelConfig | None = None) -> Tensor:
+                     scale: float | None = None, config: KernelConfig | None = None) -> Tensor:
     """The fused kernel when it can run on these tensors, else the torch reference (same arguments and result)."""
     run = fused_latent_attention if fused_supported(q, mk) is None else latent_attention_reference
-    return run(q, keys, values, mk, cos, sin, mask, group, eta=eta, key_axis=key_axis, config=config)
+    return run(q, keys, values, mk, cos, sin, mask, group, eta=eta, key_axis=key_axis, scale=scale, config=config)
 
 
 def x_attention(q: Tensor, x: QuantizedHistory, wk_t: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, group: int, *,
-                eta: float = 0.0, config: KernelConfig | None = None) -> Tensor:
+                eta: float = 0.0, scale: float | None = None, config: KernelConfig | None = None) -> Tensor:
     """MHA XQuant: the fused kernel when it can run, else `x_attention_reference`."""
     run = fused_x_attention if fused_supported(q, wk_t) is None else x_attention_reference
-    return run(q, x, wk_t, cos, sin, mask, group, eta=eta, config=config)
+    return run(q, x, wk_t, cos, sin, mask, group, eta=eta, scale=scale, config=config)

@@ -415,7 +415,7 @@ def _last_contiguous(t: Tensor) -> Tensor:
 
 
 @dataclass
-class Step:
+class KernelCall:
     """One kernel launch: what `kernel[grid](*args, **meta, **options)` takes (also what a compile check needs)."""
 
     kernel: object
@@ -427,17 +427,17 @@ class Step:
 
 @dataclass
 class Launch:
-    steps: list[Step]
+    calls: list[KernelCall]
     out: Tensor
 
     def run(self) -> Tensor:
-        for step in self.steps:
-            step.kernel[step.grid](*step.args, **step.meta, **step.options)
+        for call in self.calls:
+            call.kernel[call.grid](*call.args, **call.meta, **call.options)
         return self.out
 
 
 def prepare(q: Tensor, keys: QuantizedHistory, values: QuantizedHistory, mk: Tensor, cos: Tensor, sin: Tensor,
-            mask: Tensor, group: int, *, eta: float = 0.0, key_axis: str = "channel",
+            mask: Tensor, group: int, *, eta: float = 0.0, key_axis: str = "channel", scale: float | None = None,
             config: KernelConfig | None = None) -> Launch:
     """Validates, allocates the scratch and the output, and lays out the three launches (no device check)."""
     shapes = check_inputs(q, keys, values, mk, cos, sin, mask, group, key_axis)
@@ -470,20 +470,21 @@ def prepare(q: Tensor, keys: QuantizedHistory, values: QuantizedHistory, mk: Ten
     # fp32 inputs: exact fp32 products (tf32 would cost ~1e-3 relative error); 16-bit inputs: tensor cores anyway.
     precision = "ieee" if dtype == torch.float32 else "tf32"
 
-    key_scores = Step(
+    key_scores = KernelCall(
         _key_scores_kernel, (b * hkv // kv_block, splits),
         [q3, q3.stride(0), q3.stride(1),
          key_codes, key_scale, key_zero, key_codes.stride(0), key_codes.stride(1), key_scale.stride(0),
          key_scale.stride(1),
          mk, mk.stride(0), mk.stride(1), cos, sin, cos.stride(0), allowed, mask_stride, *key_ov,
-         scores, m, sums, span, c, split_len, splits, 1.0 / math.sqrt(d), float(eta), key_codes.shape[-1]],
+         scores, m, sums, span, c, split_len, splits, 1.0 / math.sqrt(d) if scale is None else scale, float(eta),
+         key_codes.shape[-1]],
         dict(KV_HEADS=hkv, KV_BLOCK=kv_block, GROUP=group_size, ROWS=max(16, _pow2(kv_block * group_size)),
              HALF=d // 2, KEY_BITS=keys.bits, KEY_GROUP=shapes.key_group, KEY_PER_CHANNEL=key_axis == "channel",
              CALIBRATED=eta != 0.0, OVERRIDE=k_over, OVERRIDE_ROWS=k_rows, BLOCK_N=tiling["block_n"],
              BLOCK_C=tiling["block_c"], PRECISION=precision, EMULATE=emulate),
         dict(num_warps=tiling["num_warps"], num_stages=tiling["num_stages"]),
     )
-    value_mix = Step(
+    value_mix = KernelCall(
         _value_mix_kernel, (b, splits, triton.cdiv(c, tiling["block_cv"])),
         [value_codes, value_scale, value_zero, value_codes.stride(0), value_codes.stride(1), value_scale.stride(0),
          value_scale.stride(1), allowed, mask_stride, *value_ov,
@@ -494,7 +495,7 @@ def prepare(q: Tensor, keys: QuantizedHistory, values: QuantizedHistory, mk: Ten
         dict(num_warps=4, num_stages=tiling["num_stages"]),
     )
     block = min(128, max(16, _pow2(c)))
-    combine = Step(
+    combine = KernelCall(
         _combine_kernel, (b * h, triton.cdiv(c, block)), [m, sums, acc, out, splits, c],
         {"SPLIT_BLOCK": min(8, max(2, _pow2(splits))), "BLOCK": block, "EMULATE": emulate}, {"num_warps": 4},
     )
@@ -503,7 +504,7 @@ def prepare(q: Tensor, keys: QuantizedHistory, values: QuantizedHistory, mk: Ten
 
 def fused_latent_attention(q: Tensor, keys: QuantizedHistory, values: QuantizedHistory, mk: Tensor, cos: Tensor,
                            sin: Tensor, mask: Tensor, group: int, *, eta: float = 0.0, key_axis: str = "channel",
-                           config: KernelConfig | None = None) -> Tensor:
+                           scale: float | None = None, config: KernelConfig | None = None) -> Tensor:
     """The fused Triton path of `latent_attention_reference` (same arguments, same result up to rounding).
 
     Raises ValueError when `supported()` gives a reason; allocates only the scratch (scores, per-slice partials) and
@@ -512,10 +513,12 @@ def fused_latent_attention(q: Tensor, keys: QuantizedHistory, values: QuantizedH
     reason = supported(q, mk)
     if reason is not None:
         raise ValueError(f"fused latent attention is not available here: {reason}")
-    return prepare(q, keys, values, mk, cos, sin, mask, group, eta=eta, key_axis=key_axis, config=config).run()
+    return prepare(q, keys, values, mk, cos, sin, mask, group, eta=eta, key_axis=key_axis, scale=scale,
+                   config=config).run()
 
 
 def fused_x_attention(q: Tensor, x: QuantizedHistory, wk_t: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, group: int,
-                      *, eta: float = 0.0, config: KernelConfig | None = None) -> Tensor:
+                      *, eta: float = 0.0, scale: float | None = None, config: KernelConfig | None = None) -> Tensor:
     """The fused path of `x_attention_reference` (MHA XQuant: X per token, K = RoPE(X̂·Wkᵀ), output p·X̂)."""
-    return fused_latent_attention(q, x, x, wk_t, cos, sin, mask, group, eta=eta, key_axis="token", config=config)
+    return fused_latent_attention(q, x, x, wk_t, cos, sin, mask, group, eta=eta, key_axis="token", scale=scale,
+                                  config=config)

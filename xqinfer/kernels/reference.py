@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from .. import quant
-from ..rope import apply_rotary
+from ..attention import attention_weights, rebuild_keys
 
 __all__ = [
     "KernelConfig",
@@ -216,7 +216,7 @@ def _read(history: QuantizedHistory, group: int, axis: str, channels: int, dtype
 
 def latent_attention_reference(q: Tensor, keys: QuantizedHistory, values: QuantizedHistory, mk: Tensor, cos: Tensor,
                                sin: Tensor, mask: Tensor, group: int, *, eta: float = 0.0, key_axis: str = "channel",
-                               config: KernelConfig | None = None) -> Tensor:
+                               scale: float | None = None, config: KernelConfig | None = None) -> Tensor:
     """Attention of one decode token over quantized latents, absorbed: returns ``p · L̂v`` [B, H, C] in q's dtype.
 
     Arguments (B batch, H query heads, Hkv KV heads, D head_dim, C latent width, G = ``group``):
@@ -233,10 +233,11 @@ def latent_attention_reference(q: Tensor, keys: QuantizedHistory, values: Quanti
       tokens per channel group, ``min(G, C)`` channels per token group). ``span`` must be a multiple of the former;
       the last group of a per-token row may be shorter (ragged).
     * ``eta``: XQuant-KV's calibration of the dequantization (`quant.calibrated_params`).
+    * ``scale``: the softmax scale of the scores (the layer's `KVProjection.scale`); None: 1/sqrt(D).
     * ``config``: tiling of the fused kernel; ignored here.
 
     Latents are dequantized to q's dtype (like `QuantStream.read`), the softmax is in fp32 and its weights are cast
-    back to q's dtype before the weighted sum, as in `xquant.attend_values`. Two deliberate differences from it:
+    back to q's dtype before the weighted sum, as in `attention.attend_rebuilt`. Two deliberate differences from it:
     masked tokens' values are zeroed before the sum (garbage in an empty slot cannot turn into NaN through
     ``0 · inf``), and a row with no allowed token returns zeros instead of NaN.
     """
@@ -244,29 +245,28 @@ def latent_attention_reference(q: Tensor, keys: QuantizedHistory, values: Quanti
     shapes = check_inputs(q, keys, values, mk, cos, sin, mask, group, key_axis)
     q3 = _q3(q)
     dtype = q3.dtype
-    b, h, hkv, d, span, c = (shapes.batch, shapes.heads, shapes.kv_heads, shapes.head_dim, shapes.span,
-                             shapes.channels)
+    b, h, d, span, c = shapes.batch, shapes.heads, shapes.head_dim, shapes.span, shapes.channels
     key_latents = _read(keys, shapes.key_group, key_axis, c, dtype, eta)
     value_latents = _read(values, shapes.value_group, "token", c, dtype, eta)
     allowed = _mask2(mask, b, span)  # [B or 1, span]
 
-    k = (key_latents @ mk.to(dtype)).view(b, span, hkv, d).transpose(1, 2)  # [B, Hkv, span, D]
-    k = apply_rotary(k, cos.to(dtype), sin.to(dtype))
-    scores = q3.reshape(b, hkv, h // hkv, d) @ k.transpose(-1, -2) / math.sqrt(d)  # [B, Hkv, group, span]
-    scores = scores.masked_fill(~allowed[:, None, None, :], float("-inf"))
-    weights = torch.softmax(scores.float(), dim=-1)
-    weights = torch.nan_to_num(weights, nan=0.0).to(dtype)  # a row with nothing allowed: 0/0 -> zeros
+    k = rebuild_keys(key_latents, mk.to(dtype), None, d, cos.to(dtype), sin.to(dtype))  # [B, Hkv, span, D]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    weights = attention_weights(q3[:, :, None], k, allowed[:, None, None, :], scale)  # [B, Hkv, group, span]
+    weights = torch.nan_to_num(weights, nan=0.0)  # a row with nothing allowed: 0/0 -> zeros
     value_latents = value_latents.masked_fill(~allowed[:, :, None], 0.0)
     out = weights @ value_latents.unsqueeze(1)  # [B, Hkv, group, C]
     return out.reshape(b, h, c)
 
 
 def x_attention_reference(q: Tensor, x: QuantizedHistory, wk_t: Tensor, cos: Tensor, sin: Tensor, mask: Tensor,
-                          group: int, *, eta: float = 0.0, config: KernelConfig | None = None) -> Tensor:
+                          group: int, *, eta: float = 0.0, scale: float | None = None,
+                          config: KernelConfig | None = None) -> Tensor:
     """XQuant on an MHA model: the cache holds X per token; ``K = RoPE(X̂ · Wkᵀ)``, output ``p · X̂`` [B, H, d].
 
     ``x`` is the X stream (scales and zeros per token, its residual window as the override); ``wk_t`` [d, H·D] is
     ``attention.wk.T``, the key rows of the fused q|k|v weight transposed (a view is fine). The caller applies
     ``Wvᵀ`` per head afterwards.
     """
-    return latent_attention_reference(q, x, x, wk_t, cos, sin, mask, group, eta=eta, key_axis="token", config=config)
+    return latent_attention_reference(q, x, x, wk_t, cos, sin, mask, group, eta=eta, key_axis="token", scale=scale,
+                                      config=config)
