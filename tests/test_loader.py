@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from xqinfer.config import ModelConfig
 from xqinfer.errors import ConfigError, WeightsError
 from xqinfer.formats import open_checkpoint
-from xqinfer.loader import expected_shapes, load_checkpoint, parameter_sources, random_model
+from xqinfer.loader import checkpoint_parts, load_checkpoint, random_model
 
 from conftest import TINY_CONFIG
 
@@ -197,10 +197,10 @@ def test_shard_named_in_index_but_missing(make_hf_model):
 
 def _assert_parameters_are_the_checkpoint(model, reference: dict[str, torch.Tensor]) -> None:
     """Every parameter equals its checkpoint tensors, fused ones their parts' rows stacked in order."""
-    sources = parameter_sources(model.config)
-    assert set(model.state_dict()) == set(sources)
+    parts = checkpoint_parts(model.config)
+    assert set(model.state_dict()) == set(parts)
     for name, tensor in model.state_dict().items():
-        expected = torch.cat([reference[part] for part in sources[name]])
+        expected = torch.cat([reference[part] for part in parts[name]])
         torch.testing.assert_close(tensor, expected.to(tensor.dtype), rtol=0, atol=0)
 
 
@@ -395,9 +395,10 @@ def test_loading_peak_memory_is_about_the_weights(tmp_path, stored):
             "intermediate_size": 2816, "num_hidden_layers": 3, "num_attention_heads": 8,
             "max_position_embeddings": 256, "tie_word_embeddings": True}
     _write_config(tmp_path, data)
-    shapes = expected_shapes(ModelConfig.from_dict(data))
+    parts = checkpoint_parts(ModelConfig.from_dict(data))
     generator = torch.Generator().manual_seed(0)
-    tensors = {name: torch.rand(shape, generator=generator).to(stored) for name, shape in shapes.items()}
+    tensors = {name: torch.rand(shape, generator=generator).to(stored)
+               for sources in parts.values() for name, shape in sources.items()}
     weights_bytes = sum(t.numel() * 4 for t in tensors.values())  # as loaded, in fp32
     save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
     del tensors
