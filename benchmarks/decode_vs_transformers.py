@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO))
 import torch
 
 from xqinfer.engine import Engine, GenerationStats
-from xqinfer.loader import expected_shapes, parameter_sources, random_model
+from xqinfer.loader import checkpoint_parts, random_model
 from xqinfer.presets import preset_config
 from xqinfer.sampling import SamplingParams
 
@@ -133,12 +133,11 @@ def build_models(args):
 
 def checkpoint_tensors(model) -> dict[str, torch.Tensor]:
     """The model's weights under Hugging Face checkpoint names: fused parameters split back into their parts."""
-    shapes = expected_shapes(model.config)
-    sources = parameter_sources(model.config)
+    parts = checkpoint_parts(model.config)
     state = {}
     for name, tensor in model.state_dict().items():
-        blocks = tensor.split([shapes[part][0] for part in sources[name]])
-        state.update((part, block.contiguous()) for part, block in zip(sources[name], blocks))
+        blocks = tensor.split([shape[0] for shape in parts[name].values()])
+        state.update((part, block.contiguous()) for part, block in zip(parts[name], blocks))
     return state
 
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from xqinfer.arch.llama import Transformer
 from xqinfer.config import ModelConfig
 from xqinfer.engine import Engine
-from xqinfer.model import Transformer
 from xqinfer.rope import Rotary
 
 from test_bench import SHAPES

@@ -344,7 +344,7 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)
 def test_cpu_decode_steps_reuse_their_memory_instead_of_faulting_it_in_again():
     # Each step dequantizes the whole history (here 12 MB of float32 K and as much V per layer) into fresh
     # temporaries. By default glibc gives blocks that large back to the system when they are freed, so every step
-    # faults them in again (measured: about 9,000 pages per step here); an engine on the CPU keeps them instead.
+    # faults them in again (measured: about 9,000 pages per step here); a model loaded on the CPU keeps them.
     result = subprocess.run([sys.executable, "-c", _FAULTS_PER_STEP], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     faults = float(result.stdout.strip().splitlines()[-1])

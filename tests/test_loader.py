@@ -3,7 +3,9 @@ weights in host memory."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -15,10 +17,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from xqinfer.config import ModelConfig
+from xqinfer.arch import ARCHITECTURES, architecture_for, llama
+from xqinfer.config import MODEL_TYPES, ModelConfig
 from xqinfer.errors import ConfigError, WeightsError
 from xqinfer.formats import open_checkpoint
-from xqinfer.loader import expected_shapes, load_checkpoint, parameter_sources, random_model
+from xqinfer.loader import checkpoint_parts, load_checkpoint, random_model
+from xqinfer.presets import preset_config, preset_names
 
 from conftest import TINY_CONFIG
 
@@ -151,6 +155,48 @@ def test_misshaped_tensor(make_hf_model):
     assert "[64, 64]" in message and "[32, 64]" in message
 
 
+def _saved_shapes(directory: Path) -> dict[str, tuple[int, ...]]:
+    with safe_open(str(directory / "model.safetensors"), "pt") as handle:
+        return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_checkpoint_parts_are_what_transformers_saves(make_hf_model, tied):
+    # Read from the module built on the meta device, never written down: exactly the tensors of a real checkpoint.
+    _, directory = make_hf_model(num_key_value_heads=2, tie_word_embeddings=tied)
+    parts = checkpoint_parts(open_checkpoint(directory).config)
+    assert {name: shape for sources in parts.values() for name, shape in sources.items()} == _saved_shapes(directory)
+    assert list(parts["model.layers.1.self_attn.qkv_proj.weight"]) == [
+        f"model.layers.1.self_attn.{name}_proj.weight" for name in "qkv"
+    ]
+
+
+def test_expected_shapes_come_from_the_module(make_hf_model, monkeypatch):
+    # An architecture whose module is narrower than the config says: the loader expects the module's shapes.
+    _, directory = make_hf_model()
+    narrow = dataclasses.replace(llama.ARCHITECTURE, build=lambda config, rotary: llama.Transformer(
+        dataclasses.replace(config, intermediate_size=96), rotary))
+    monkeypatch.setitem(ARCHITECTURES, "llama", narrow)
+    with pytest.raises(WeightsError, match=r"model\.safetensors: model\.layers\.\d\.mlp\.(gate|up|down)_proj\.weight "
+                                           r"has shape \[(128, 64|64, 128)\], the config implies \[(96, 64|64, 96)\]$"):
+        _load(directory)
+
+
+@pytest.mark.parametrize("preset", preset_names())
+def test_checkpoint_parts_hold_the_configs_parameters(preset):
+    # 7-13B presets cost nothing here: the module is built on the meta device.
+    config = preset_config(preset)
+    parts = checkpoint_parts(config)
+    assert sum(math.prod(shape) for sources in parts.values() for shape in sources.values()) == config.num_parameters
+
+
+def test_every_supported_architecture_has_a_module():
+    assert set(ARCHITECTURES) == set(MODEL_TYPES.values())
+    # Mistral is Llama whose cache keeps a sliding window.
+    mistral = ModelConfig.from_dict(_config(architectures=["MistralForCausalLM"], sliding_window=8))
+    assert mistral.model_type == "mistral" and architecture_for(mistral) is llama.ARCHITECTURE
+
+
 def test_pickled_weights_only_are_refused(make_hf_model):
     hf, directory = make_hf_model()
     (directory / "model.safetensors").unlink()
@@ -197,10 +243,10 @@ def test_shard_named_in_index_but_missing(make_hf_model):
 
 def _assert_parameters_are_the_checkpoint(model, reference: dict[str, torch.Tensor]) -> None:
     """Every parameter equals its checkpoint tensors, fused ones their parts' rows stacked in order."""
-    sources = parameter_sources(model.config)
-    assert set(model.state_dict()) == set(sources)
+    parts = checkpoint_parts(model.config)
+    assert set(model.state_dict()) == set(parts)
     for name, tensor in model.state_dict().items():
-        expected = torch.cat([reference[part] for part in sources[name]])
+        expected = torch.cat([reference[part] for part in parts[name]])
         torch.testing.assert_close(tensor, expected.to(tensor.dtype), rtol=0, atol=0)
 
 
@@ -395,9 +441,10 @@ def test_loading_peak_memory_is_about_the_weights(tmp_path, stored):
             "intermediate_size": 2816, "num_hidden_layers": 3, "num_attention_heads": 8,
             "max_position_embeddings": 256, "tie_word_embeddings": True}
     _write_config(tmp_path, data)
-    shapes = expected_shapes(ModelConfig.from_dict(data))
+    parts = checkpoint_parts(ModelConfig.from_dict(data))
     generator = torch.Generator().manual_seed(0)
-    tensors = {name: torch.rand(shape, generator=generator).to(stored) for name, shape in shapes.items()}
+    tensors = {name: torch.rand(shape, generator=generator).to(stored)
+               for sources in parts.values() for name, shape in sources.items()}
     weights_bytes = sum(t.numel() * 4 for t in tensors.values())  # as loaded, in fp32
     save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
     del tensors

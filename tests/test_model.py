@@ -12,9 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from xqinfer.backends.cpu import SPLIT_MIN_BYTES, threaded_linear
 from xqinfer.cache import make_cache
 from xqinfer.engine import Engine
-from xqinfer.model import SPLIT_MIN_BYTES, linear
 from xqinfer.rope import apply_rotary
 
 from conftest import load_hf
@@ -158,7 +158,7 @@ def test_one_token_products_are_split_over_the_threads(layout, monkeypatch):
     bmm = torch.bmm
     monkeypatch.setattr(torch, "bmm", lambda *args: batched.append(args[1].shape) or bmm(*args))
     for x in (torch.randn(1, 1, 256), torch.randn(256), torch.randn(1, 5, 256)):
-        torch.testing.assert_close(linear(x, weight), F.linear(x, weight), rtol=1e-6, atol=1e-5)
+        torch.testing.assert_close(threaded_linear(x, weight), F.linear(x, weight), rtol=1e-6, atol=1e-5)
     assert batched == [(2, 256, 512)] * 2  # one block of output rows per thread, for the single-row inputs only
 
 

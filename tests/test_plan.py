@@ -99,6 +99,13 @@ def test_equivalent_bits_count_codes_only_for_kv_methods():
     assert [r.equivalent_bits for r in rows] == [16, 2, None]
 
 
+def test_plan_reports_the_equivalent_bits_of_every_kv_method():
+    """[Y]'s headline figures on a 32-layer model, from each method's own declaration."""
+    expected = {"xquant-kv": 1.375, "xquant-kv:kq=28,vq=0,km=32,vm=28": 1.40625, "asymkv": 1.5, "kivi:bits=2": 2}
+    rows = plan(preset_config("llama-3.1-8b"), list(expected), memory=80 * GB, context=1024)
+    assert [r.equivalent_bits for r in rows] == list(expected.values())
+
+
 # --- largest context and batch -------------------------------------------------------------------------------------
 
 BOUNDARY_CASES = [

@@ -11,6 +11,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
+from .arch import CausalLM
 from .cache import CacheSpec
 from .config import ModelConfig
 from .device import pick_device, pick_dtype
@@ -18,7 +19,6 @@ from .engine import Engine, GenerationStats
 from .errors import ConfigError
 from .formats import open_checkpoint
 from .loader import load_checkpoint, random_model
-from .model import Transformer
 from .presets import preset_config
 from .sampling import SamplingParams, resolve_sampling
 from .tokenizer import Tokenizer
@@ -30,7 +30,7 @@ class LLM:
 
     name: str
     config: ModelConfig
-    model: Transformer
+    model: CausalLM
     tokenizer: Tokenizer
     sampling: SamplingParams
     eos_ids: tuple[int, ...]

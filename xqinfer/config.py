@@ -11,7 +11,8 @@ import torch
 
 from .errors import ConfigError
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+# The config.json architectures xqinfer runs, each with its model_type: the key of its module in `xqinfer.arch`.
+MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"}
 ROPE_KINDS = ("default", "linear", "dynamic", "llama3")
 DTYPES = {
     "float32": torch.float32,
@@ -57,6 +58,10 @@ class ModelConfig:
     source: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
+    def model_type(self) -> str:
+        return MODEL_TYPES[self.architecture]
+
+    @property
     def kv_dim(self) -> int:
         return self.num_kv_heads * self.head_dim
 
@@ -93,10 +98,10 @@ class ModelConfig:
     def from_dict(cls, data: dict[str, Any], origin: str = "config") -> ModelConfig:
         architectures = data.get("architectures") or []
         architecture = architectures[0] if architectures else _architecture_from_model_type(data.get("model_type"))
-        if architecture not in SUPPORTED_ARCHITECTURES:
+        if architecture not in MODEL_TYPES:
             raise ConfigError(
                 f"{origin}: architecture {architecture!r} is not supported "
-                f"(xqinfer runs {', '.join(SUPPORTED_ARCHITECTURES)})"
+                f"(xqinfer runs {', '.join(MODEL_TYPES)})"
             )
         _refuse_unsupported_features(data, origin)
         try:
@@ -157,7 +162,7 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 def _architecture_from_model_type(model_type: Any) -> str | None:
-    return {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}.get(model_type)
+    return next((architecture for architecture, known in MODEL_TYPES.items() if known == model_type), None)
 
 
 def _refuse_unsupported_features(data: dict[str, Any], origin: str) -> None:

@@ -1,15 +1,13 @@
-"""Device and dtype defaults, host memory reuse, and peak-memory measurement (CUDA: max allocated; CPU: peak RSS)."""
+"""Device and dtype defaults, and peak-memory measurement (CUDA: max allocated; CPU: peak RSS)."""
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import platform
 import resource
 import sys
 
 import torch
 
+from .backends.cpu import release_freed_host_memory
 from .config import torch_dtype
 from .errors import XQInferError
 
@@ -41,42 +39,11 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-# glibc's mallopt parameters (malloc.h).
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
-
-
-@functools.cache
-def _glibc() -> ctypes.CDLL | None:
-    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
-        return None
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
-
-
-def keep_freed_host_memory() -> None:
-    """Keeps freed host memory in the process for reuse (glibc): what a CPU decode step frees, the next one takes.
-
-    A step allocates and frees the same large temporaries at every token (the dequantized history, its codes). By
-    default glibc maps each block above its mmap threshold afresh and trims the heap after large frees, so every step
-    faults its temporaries back in page by page: measured 6-8 million page faults and 2.3 tok/s for KIVI at 4k on
-    llama-100m, against 0.26 million and 5.6 tok/s with every block kept on the heap and no trimming. Process-wide
-    and idempotent; nothing happens without glibc. `reset_peak_memory` hands free memory back before a measurement.
-    """
-    libc = _glibc()
-    if libc is not None:
-        libc.mallopt(_M_MMAP_MAX, 0)
-        libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
-
-
 def reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return
-    libc = _glibc()
-    if libc is not None:
-        libc.malloc_trim(0)  # free memory kept for reuse is not part of what the next measurement uses
+    release_freed_host_memory()  # free memory kept for reuse is not part of what the next measurement uses
     # Writing 5 to clear_refs resets the kernel's peak-RSS counter (VmHWM); without it the peak is process-wide.
     try:
         with open("/proc/self/clear_refs", "w") as handle:

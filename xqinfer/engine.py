@@ -10,10 +10,10 @@ import torch
 from torch import Tensor
 
 from . import accounting
+from .arch import CausalLM
 from .cache import Cache, CacheSpec, make_cache, parse_spec
-from .device import keep_freed_host_memory, peak_memory, reset_peak_memory
+from .device import peak_memory, reset_peak_memory
 from .errors import ContextError
-from .model import Transformer
 from .sampling import Sampler, SamplingParams
 
 PREFILL_CHUNK = 1024
@@ -75,7 +75,7 @@ class Engine:
 
     def __init__(
         self,
-        model: Transformer,
+        model: CausalLM,
         cache: str | CacheSpec = "fp16",
         capacity: int | None = None,
         batch_size: int = 1,
@@ -101,8 +101,6 @@ class Engine:
         self._step_positions = torch.zeros((1,), dtype=torch.long, device=self.device)
         # On CUDA the step is captured once per span bucket and replayed; elsewhere it runs eagerly, unchanged.
         self.graphs = DecodeGraphs(self) if cuda_graph and self.device.type == "cuda" else None
-        if self.device.type == "cpu":
-            keep_freed_host_memory()
 
     def span_for(self, end: int) -> int:
         """Cache slots a forward ending at position `end` reads: the length rounded up to a bucket.

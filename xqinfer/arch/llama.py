@@ -1,4 +1,5 @@
-"""The Llama/Mistral transformer. It computes q, k, v and hands them to its layer cache; it never knows the method."""
+"""Llama (and Mistral, which is Llama with a sliding window, kept by the cache's ring). The model computes q, k, v and
+hands them to its layer cache; it never knows the method."""
 
 from __future__ import annotations
 
@@ -6,35 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import KVProjection
-from .config import ModelConfig
-from .rope import Rotary, apply_rotary
-
-# A one-token product x·Wᵀ is a matrix-vector product, which MKL runs on one thread however many torch has. Split
-# into one block of output rows per thread, as a batched product that torch spreads over its threads, it reads an fp32
-# W 1.4-1.6x faster on 2 cores; below this size the split costs more than it saves, and in fp16/bf16 it is slower.
-SPLIT_MIN_BYTES = 1 << 18
-
-
-def linear(x: Tensor, weight: Tensor) -> Tensor:
-    """x [..., in] @ weightᵀ -> [..., out], as F.linear; a single fp32 row on a multi-threaded CPU uses every thread."""
-    threads = torch.get_num_threads()
-    out, width = weight.shape
-    if (x.shape[:-1].numel() != 1 or threads == 1 or x.device.type != "cpu" or weight.dtype != torch.float32
-            or out % threads or weight.nbytes < SPLIT_MIN_BYTES):
-        return F.linear(x, weight)
-    blocks = weight.view(threads, out // threads, width).transpose(1, 2)  # [threads, in, out / threads], no copy
-    return torch.bmm(x.reshape(1, 1, width).expand(threads, 1, width), blocks).view(*x.shape[:-1], out)
-
-
-class Linear(nn.Linear):
-    """nn.Linear without bias whose one-token products use every intra-op thread (see `linear`)."""
-
-    def __init__(self, in_features: int, out_features: int) -> None:
-        super().__init__(in_features, out_features, bias=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return linear(x, self.weight)
+from ..attention import KVProjection
+from ..config import ModelConfig
+from ..rope import Rotary, apply_rotary
+from .base import Architecture, Embedding, Fusion
 
 
 class RMSNorm(nn.Module):
@@ -58,8 +34,8 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         # q, k and v come from one [q_dim + 2 kv_dim, d] matrix: one matmul (one pass over x, one kernel) per layer.
         self.qkv_sizes = (config.q_dim, config.kv_dim, config.kv_dim)
-        self.qkv_proj = Linear(config.hidden_size, sum(self.qkv_sizes))
-        self.o_proj = Linear(config.q_dim, config.hidden_size)
+        self.qkv_proj = nn.Linear(config.hidden_size, sum(self.qkv_sizes), bias=False)
+        self.o_proj = nn.Linear(config.q_dim, config.hidden_size, bias=False)
 
     @property
     def wk(self) -> Tensor:
@@ -87,11 +63,12 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         # gate and up stacked in one [2 f, d] matrix, for one matmul instead of two.
-        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size)
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size)
+        self.gate_up_sizes = (config.intermediate_size, config.intermediate_size)
+        self.gate_up_proj = nn.Linear(config.hidden_size, sum(self.gate_up_sizes), bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate, up = self.gate_up_proj(x).split(self.gate_up_sizes, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -116,14 +93,11 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = config
         self.model = nn.Module()
-        # Given its (empty) weight, the embedding skips its random init: on the meta device, where the loader builds
-        # the model, that init alone would load torch's meta kernels (~2.5 s, once per process).
-        self.model.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
-                                               _weight=torch.empty(config.vocab_size, config.hidden_size))
+        self.model.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         self.model.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.model.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         if not config.tie_word_embeddings:
-            self.lm_head = Linear(config.hidden_size, config.vocab_size)
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = rotary
 
     @property
@@ -154,4 +128,17 @@ class Transformer(nn.Module):
         cache.end()
         if last_only:
             h = h[:, -1:]
-        return linear(self.model.norm(h), self.output_weight())
+        h = self.model.norm(h)
+        return self.model.embed_tokens.as_linear(h) if self.config.tie_word_embeddings else self.lm_head(h)
+
+
+ARCHITECTURE = Architecture(
+    build=Transformer,
+    # One matmul per layer where the checkpoint has three (attention) or two (MLP).
+    fusions={
+        "qkv_proj": Fusion(("q_proj", "k_proj", "v_proj"), sizes="qkv_sizes"),
+        "gate_up_proj": Fusion(("gate_proj", "up_proj"), sizes="gate_up_sizes"),
+    },
+    ignored_suffixes=("rotary_emb.inv_freq",),  # RoPE frequencies, recomputed by `Rotary`
+    tied_output="lm_head.weight",
+)
