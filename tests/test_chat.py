@@ -128,7 +128,7 @@ def test_session_reset_and_an_interrupted_reply(stories, expected, single_thread
     chunks = session.chat(TURNS[0], max_tokens=MAX_TOKENS, sampling=GREEDY)
     partial = next(chunks) + next(chunks)
     chunks.close()
-    assert session.messages[-1] == {"role": "assistant", "content": partial}
+    assert session.messages[-1] == {"role": "assistant", "content": partial, "interrupted": True}
     assert session.last.finish_reason == "interrupted"
     reply = run_turn(session, TURNS[1])
     assert session.last.stats.reused_tokens > 0
