@@ -469,7 +469,12 @@ class Terminal:
                 pytest.fail(f"no {pattern!r} on the terminal; it shows (from the last match on):\n{shown}")
 
     def send(self, keys: str) -> None:
-        os.write(self.master, keys.encode())
+        data = keys.encode()
+        while data:  # in pieces, reading between them, so neither side blocks on a full terminal buffer
+            _, writable, _ = select.select([], [self.master], [], 0.1)
+            if writable:
+                data = data[os.write(self.master, data[:1024]):]
+            self._read(0)
 
     def wait(self, timeout: float = 60) -> int:
         deadline = time.monotonic() + timeout
@@ -573,12 +578,19 @@ def test_ctrl_c_stops_a_reply_and_the_chat_goes_on(terminal, tmp_path):
 
 
 
-def test_the_terminal_edits_recalls_and_pastes_messages(terminal, tmp_path):
+def test_the_terminal_edits_recalls_and_pastes_messages(terminal, tmp_path, stories):
     """Through prompt_toolkit: arrow keys edit the line (no escape codes reach the model), Up recalls the last
     message, a bracketed paste is one message, a \"\"\" block spans lines (ended by its closing quotes, or sent by
     Esc-Enter), and every message lands in the history file under the state dir."""
     saved = tmp_path / "chat.json"
     term = terminal("chat", need_stories(), "--temperature", "0", "-n", "4")
+    # Longer than the 4095 characters a terminal's line discipline holds: all of it arrives, and then cannot fit.
+    long_text = "the " * 1250
+    term.expect(PROMPT)
+    term.send(f"\x1b[200~{long_text}\x1b[201~\r")
+    match = term.expect(r"error: (\d+) tokens do not fit in the context of 512")
+    prompt = stories.tokenizer.encode_chat([{"role": "user", "content": long_text.strip()}])
+    assert int(match.group(1)) == len(prompt)
     keystrokes = [
         "Once upon a tme" + "\x1b[D" * 2 + "i\r",  # two steps left, then the missing letter
         "\x1b[A" + " again\r",  # Up: the previous message, to add to
@@ -602,7 +614,7 @@ def test_the_terminal_edits_recalls_and_pastes_messages(terminal, tmp_path):
         "Once upon a time", "Once upon a time again", "line one\nline two", "first\nsecond", "third\nfourth"]
     history = (tmp_path / "home" / "state" / "xqinfer" / "chat_history").read_text(encoding="utf-8")
     typed = [line[1:] for line in history.splitlines() if line.startswith("+")]
-    assert typed == ["Once upon a time", "Once upon a time again", "line one", "line two", '"""', "first",
+    assert typed == [long_text, "Once upon a time", "Once upon a time again", "line one", "line two", '"""', "first",
                      'second"""', '"""', "third", "fourth", f"/save {saved}"]
 
 
