@@ -26,6 +26,7 @@ from rich.console import Console
 import xqinfer
 from xqinfer.api import Session
 from xqinfer.chat import ChatREPL
+from xqinfer.chat_input import KeptHistory
 from xqinfer.engine import Engine
 from xqinfer.errors import ContextError
 from xqinfer.sampling import SamplingParams
@@ -36,6 +37,7 @@ STORIES = SHARED / "models" / "stories260K"
 TURNS = ("Once upon a time", "The little dog")
 MAX_TOKENS = 20
 GREEDY = SamplingParams(temperature=0)
+PROMPT = ">>> "
 ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b\][^\x07]*\x07|\x1b[()][0-9A-Za-z]")
 STATS = re.compile(r"generated (\d+) tok.*cache holds (\d+)/(\d+) tokens, (\d+) reused from earlier turns")
 
@@ -46,10 +48,15 @@ def need_stories() -> Path:
     return STORIES
 
 
-def child_env() -> dict[str, str]:
+def child_env(home: Path | None = None) -> dict[str, str]:
+    """The environment of an `xqinfer` child; with `home`, HOME and XDG_STATE_HOME (the chat history) are in it."""
     env = dict(os.environ)
     env.pop("XQINFER_DEBUG", None)
     env.update({"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONIOENCODING": "utf-8", "TERM": "xterm"})
+    # prompt_toolkit asks a terminal where its cursor is and waits for the answer, which no test terminal gives.
+    env["PROMPT_TOOLKIT_NO_CPR"] = "1"
+    if home is not None:
+        env.update({"HOME": str(home), "XDG_STATE_HOME": str(home / "state")})
     return env
 
 
@@ -128,7 +135,7 @@ def test_session_reset_and_an_interrupted_reply(stories, expected, single_thread
     chunks = session.chat(TURNS[0], max_tokens=MAX_TOKENS, sampling=GREEDY)
     partial = next(chunks) + next(chunks)
     chunks.close()
-    assert session.messages[-1] == {"role": "assistant", "content": partial}
+    assert session.messages[-1] == {"role": "assistant", "content": partial, "interrupted": True}
     assert session.last.finish_reason == "interrupted"
     reply = run_turn(session, TURNS[1])
     assert session.last.stats.reused_tokens > 0
@@ -179,12 +186,36 @@ def test_user_text_is_never_read_as_markup(stories, tmp_path, monkeypatch):
 
 def test_set_changes_settings_and_rejects_bad_values(stories, monkeypatch):
     chat, out, err = repl(stories, monkeypatch, ["/set temperature 0.5", "/set max_tokens 7", "/set top_p 0",
-                                                 "/set seed x", "/set colour red", "/set temperature"])
+                                                 "/set seed x", "/set temperature"])
     assert chat.sampling.temperature == 0.5 and chat.max_tokens == 7
     assert chat.sampling.top_p == GREEDY.top_p and chat.sampling.seed == GREEDY.seed
     assert "temperature = 0.5" in out and "max_tokens = 7" in out
     assert "cannot set top_p" in err and "cannot set seed" in err
-    assert err.count("usage: /set KEY VALUE") == 2
+    assert "usage: /set temperature VALUE (/set alone lists the settings)" in err
+
+
+def test_set_lists_the_settings_and_takes_the_flags_names(stories, monkeypatch):
+    """The chat command's flags name the settings too (--temp, --top-p, --repeat-penalty, -n...); an unknown key
+    gets one line with the keys there are, and /set alone lists every setting with its value."""
+    script = ["/set temp 0.5", "/set top-p 0.9", "/set --top-k 40", "/set min-p 0.05", "/set repeat-penalty 1.1",
+              "/set repeat_penalty 1.2", "/set -n 7", "/set max-tokens 9", "/set --seed 3", "/set colour red", "/set"]
+    chat, out, err = repl(stories, monkeypatch, script)
+    assert chat.sampling == SamplingParams(temperature=0.5, top_p=0.9, top_k=40, min_p=0.05, repetition_penalty=1.2,
+                                           seed=3)
+    assert chat.max_tokens == 9
+    assert "max_tokens = 7" in out and "repetition_penalty = 1.1" in out  # reported under the setting's own name
+    refusal = [line for line in err.splitlines() if "colour" in line]
+    assert refusal == ["unknown setting 'colour'; the keys are temperature, top_k, top_p, min_p, repetition_penalty, "
+                       "seed, max_tokens, and temp, repeat-penalty, n as the flags spell them (- and _ alike)"]
+    shown = [line.replace(PROMPT, "") for line in out.splitlines()]  # the prompts go to stdout too, before the lines
+    listing = dict(line.split() for line in shown if line.startswith("  "))
+    assert listing == {"temperature": "0.5", "top_k": "40", "top_p": "0.9", "min_p": "0.05",
+                       "repetition_penalty": "1.2", "seed": "3", "max_tokens": "9"}
+
+
+def test_set_lists_a_random_seed_as_such(stories, monkeypatch):
+    chat, out, err = repl(stories, monkeypatch, ["/set"], sampling=SamplingParams())
+    assert "  seed                 random (a new seed each reply)\n" in out and "error" not in err
 
 
 def test_a_bad_set_value_is_an_error_and_the_chat_goes_on(stories, monkeypatch):
@@ -214,6 +245,127 @@ def test_undecodable_input_is_ignored(stories, monkeypatch):
     chat, out, err = repl(stories, monkeypatch, [b"caf\xe9".decode("utf-8", "surrogateescape"), "/stats"])
     assert "not UTF-8" in err and chat.session.messages == []
 
+
+
+
+def test_a_block_in_triple_quotes_is_one_message(stories, monkeypatch):
+    """Through a pipe as on a terminal: \"\"\" begins a message of several lines, a line ending with \"\"\" ends it,
+    and the end of input ends an open one (what it holds is still sent)."""
+    script = ['"""', "first", 'second"""', '"""one line"""', '  """  ', "/stats is text here", "", '"""',
+              '"""', "unclosed"]
+    chat, out, err = repl(stories, monkeypatch, script, max_tokens=2)
+    assert [m["content"] for m in chat.session.messages if m["role"] == "user"] == [
+        "first\nsecond", "one line", "/stats is text here", "unclosed"]
+    assert out.count("... ") == 2 + 3 + 2 and "cache holds" not in out  # a continuation prompt for each line
+
+
+def test_history_file_is_private_and_a_later_failure_is_said_once(tmp_path):
+    said: list[str] = []
+    path = tmp_path / "state" / "xqinfer" / "chat_history"
+    history = KeptHistory(path, said.append)
+    assert path.is_file() and path.stat().st_mode & 0o777 == 0o600 and said == []
+    history.append_string("one")
+    assert list(KeptHistory(path, said.append).load_history_strings()) == ["one"]  # the next chat's history
+    path.unlink()
+    path.mkdir()  # the file cannot be appended to from now on
+    for text in ("two", "three"):
+        history.append_string(text)
+        history.say_failure()
+    assert said == [f"cannot keep the chat history in {path}: Is a directory; it lasts for this session only"]
+    assert history.get_strings() == ["one", "two", "three"]  # kept in memory all the same
+
+# --- /save and /load ------------------------------------------------------------------------------------------------
+
+
+def test_save_writes_the_conversation_and_its_settings(stories, tmp_path, monkeypatch):
+    saved = tmp_path / "chat.json"
+    sampling = SamplingParams(temperature=0, top_k=5, seed=7)
+    chat, out, err = repl(stories, monkeypatch, [TURNS[0], f"/save {saved}"], ctx=256, system="Be kind.",
+                          sampling=sampling, max_tokens=12)
+    assert json.loads(saved.read_text(encoding="utf-8")) == {
+        "model": str(STORIES), "cache": "fp16", "context": 256, "max_tokens": 12,
+        "sampling": {"temperature": 0, "top_k": 5, "top_p": 1.0, "min_p": 0.0, "repetition_penalty": 1.0, "seed": 7},
+        "messages": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": TURNS[0]},
+                     {"role": "assistant", "content": chat.session.messages[-1]["content"]}],
+    }
+    assert chat.session.messages[-1]["content"] and "interrupted" not in chat.session.messages[-1]
+
+
+def test_load_resumes_a_saved_chat(stories, tmp_path, monkeypatch, single_thread):
+    """A chat saved after one turn, loaded into a chat started with other settings, answers the next turn as the
+    first chat did: the settings came back, and the cache was refilled (the turn reuses it)."""
+    first, again, after = tmp_path / "first.json", tmp_path / "again.json", tmp_path / "after.json"
+    settings = {"sampling": SamplingParams(temperature=0, top_k=5, seed=7), "max_tokens": 12, "system": "Be kind."}
+    original, _, _ = repl(stories, monkeypatch, [TURNS[0], f"/save {first}", TURNS[1], f"/save {after}"], **settings)
+    resumed, out, err = repl(stories, monkeypatch, [f"/load {first}", f"/save {again}", TURNS[1]],
+                             sampling=SamplingParams(temperature=1.0, seed=1), max_tokens=30, system="Be rude.")
+    assert again.read_text(encoding="utf-8") == first.read_text(encoding="utf-8")
+    assert f"loaded 3 messages from {first}" in out and "warning" not in err
+    assert resumed.sampling == settings["sampling"] and resumed.max_tokens == 12
+    assert resumed.session.messages == original.session.messages
+    assert resumed.session.last.stats.reused_tokens > 0
+    assert resumed.session.last.tokens == original.session.last.tokens
+
+
+def test_load_refuses_a_bad_file_in_one_line_and_the_chat_goes_on(stories, tmp_path, monkeypatch):
+    def saved(name: str, content: object) -> Path:
+        path = tmp_path / name
+        path.write_bytes(content if isinstance(content, bytes) else json.dumps(content).encode())
+        return path
+
+    long_chat = [{"role": "user", "content": "Once upon a time " * 40}]
+    cases = [
+        (tmp_path / "missing.json", "missing.json does not exist"),
+        (tmp_path, f"cannot read {tmp_path}: Is a directory"),
+        (saved("latin1.json", b'{"messages": [{"role": "user", "content": "caf\xe9"}]}'), "is not UTF-8 text"),
+        (saved("broken.json", b"{oops"), "is not JSON (Expecting property name enclosed in double quotes at line 1 "
+                                         "column 2)"),
+        (saved("list.json", []), "is not a chat saved by /save: it holds a JSON list, not an object"),
+        (saved("none.json", {"model": "x"}), "'messages' must be a list of messages"),
+        (saved("key.json", {"messages": [], "colour": 1}), "unknown key 'colour' (accepted: model, cache, context,"),
+        (saved("role.json", {"messages": [{"role": "robot", "content": "hi"}]}),
+         "message 1: role 'robot' is none of system, user, assistant"),
+        (saved("content.json", {"messages": [{"role": "user", "content": 5}]}),
+         "message 1: 'content' must be a string"),
+        (saved("surrogate.json", {"messages": [{"role": "user", "content": "\ud800"}]}),
+         "message 1: 'content' is not valid UTF-8 text"),
+        (saved("system.json", {"messages": [{"role": "user", "content": "hi"}, {"role": "system", "content": "x"}]}),
+         "message 2: a system prompt comes first only"),
+        (saved("mark.json", {"messages": [{"role": "assistant", "content": "hi", "interrupted": "yes"}]}),
+         "message 1: 'interrupted' must be true or false"),
+        (saved("sampling.json", {"messages": [], "sampling": {"temperature": -1}}),
+         "sampling: temperature must be >= 0"),
+        (saved("setting.json", {"messages": [], "sampling": {"temp": 1}}), "unknown sampling setting 'temp'"),
+        (saved("tokens.json", {"messages": [], "max_tokens": 0}), "'max_tokens' must be a whole number of at least 1"),
+        (saved("long.json", {"messages": long_chat}), "and the context holds 64; the current chat goes on"),
+    ]
+    script = [TURNS[0]] + [f"/load {path}" for path, _ in cases] + [TURNS[1]]
+    chat, out, err = repl(stories, monkeypatch, script, ctx=64, max_tokens=5)
+    # After the banner's two lines, one line for each refused file, and the two turns' stats lines.
+    lines = [line for line in err.splitlines()[2:] if "cache holds" not in line]
+    assert len(lines) == len(cases)
+    for (path, fragment), line in zip(cases, lines):
+        assert line.startswith((str(path), f"cannot read {path}", f"cannot load {path}")) and fragment in line
+    assert "loaded" not in out and "Traceback" not in err
+    assert chat.sampling == GREEDY and chat.max_tokens == 5
+    assert [m["content"] for m in chat.session.messages if m["role"] == "user"] == list(TURNS)
+    assert chat.session.last.stats.reused_tokens > 0  # the cache the refused loads left alone
+
+
+def test_load_warns_of_another_model_or_cache_and_keeps_the_running_one(stories, tmp_path, monkeypatch):
+    other = tmp_path / "other.json"
+    messages = [{"role": "user", "content": TURNS[0]}, {"role": "assistant", "content": " there was"}]
+    other.write_text(json.dumps({"model": "llama-3.1-8b", "cache": "kivi:bits=2", "messages": messages}))
+    old_style = tmp_path / "old.json"  # as /save wrote before it kept the settings
+    old_style.write_text(json.dumps({"model": str(STORIES), "messages": messages}))
+    chat, out, err = repl(stories, monkeypatch, [f"/load {other}", f"/load {old_style}", "/stats"])
+    warnings = [line for line in err.splitlines() if line.startswith("warning")]
+    assert warnings == [f"warning: {other} was saved with model llama-3.1-8b and cache kivi:bits=2; this chat keeps "
+                        f"model {STORIES} and cache fp16"]
+    assert out.count("loaded 2 messages") == 2 and chat.session.messages == messages
+    assert str(chat.session.engine.spec) == "fp16" and chat.sampling == GREEDY and chat.max_tokens == MAX_TOKENS
+    held = len(stories.tokenizer.encode_chat(messages, add_generation_prompt=False))
+    assert f"cache holds {held}/512 tokens" in out
 
 # --- the REPL through a pipe ----------------------------------------------------------------------------------------
 
@@ -270,12 +422,12 @@ BOOT = (
 class Terminal:
     """`xqinfer ARGS` on a pseudo-terminal: write keystrokes, wait for patterns in the (ANSI-stripped) screen text."""
 
-    def __init__(self, *args: object) -> None:
+    def __init__(self, *args: object, env: dict[str, str]) -> None:
         master, slave = os.openpty()
         fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 200, 0, 0))
         self.process = subprocess.Popen(
             [sys.executable, "-c", BOOT, *map(str, args)],
-            stdin=slave, stdout=slave, stderr=slave, start_new_session=True, env=child_env(),
+            stdin=slave, stdout=slave, stderr=slave, start_new_session=True, env=env,
         )
         os.close(slave)
         self.master = master
@@ -317,7 +469,12 @@ class Terminal:
                 pytest.fail(f"no {pattern!r} on the terminal; it shows (from the last match on):\n{shown}")
 
     def send(self, keys: str) -> None:
-        os.write(self.master, keys.encode())
+        data = keys.encode()
+        while data:  # in pieces, reading between them, so neither side blocks on a full terminal buffer
+            _, writable, _ = select.select([], [self.master], [], 0.1)
+            if writable:
+                data = data[os.write(self.master, data[:1024]):]
+            self._read(0)
 
     def wait(self, timeout: float = 60) -> int:
         deadline = time.monotonic() + timeout
@@ -337,19 +494,18 @@ class Terminal:
 
 
 @pytest.fixture
-def terminal():
+def terminal(tmp_path):
+    """Starts `xqinfer ARGS` on a terminal, its HOME and state dir under tmp_path (`env` replaces that setting)."""
     opened: list[Terminal] = []
 
-    def start(*args: object) -> Terminal:
-        opened.append(Terminal(*args))
+    def start(*args: object, env: dict[str, str] | None = None) -> Terminal:
+        opened.append(Terminal(*args, env=env or child_env(tmp_path / "home")))
         return opened[-1]
 
     yield start
     for term in opened:
         term.close()
 
-
-PROMPT = ">>> "
 
 
 def test_chat_in_a_terminal(terminal, expected):
@@ -371,7 +527,7 @@ def test_chat_in_a_terminal(terminal, expected):
     assert int(match.group(2)) == expected["held"] and int(match.group(4)) == expected["stats"][1].reused_tokens
     term.expect(PROMPT)
     term.send("/help\r")
-    term.expect(r"/save FILE +write the conversation as JSON \(never overwrites a file\)")
+    term.expect(r"/save FILE +write the conversation and its settings as JSON \(never overwrites a file\)")
     term.expect(PROMPT)
     term.send("/reset\r")
     term.expect("conversation and cache cleared")
@@ -384,9 +540,11 @@ def test_chat_in_a_terminal(terminal, expected):
     assert "Traceback" not in term.text
 
 
-def test_ctrl_c_stops_a_reply_and_the_chat_goes_on(terminal):
+def test_ctrl_c_stops_a_reply_and_the_chat_goes_on(terminal, tmp_path):
     """A long reply from the random-weight preset (4096 positions make each step slow enough), Ctrl-C once the
-    first text shows: the reply stops, the process lives on, takes commands, and leaves with status 0."""
+    first text shows: the reply stops, the process lives on, takes commands, saves the reply marked as interrupted
+    (and loads it back as it was), and leaves with status 0."""
+    saved, again = tmp_path / "chat.json", tmp_path / "again.json"
     term = terminal("chat", "--preset", "llama-tiny", "-n", "3000", "--ctx", "4096", "--temperature", "0")
     term.expect(r"chatting with llama-tiny")
     term.expect(PROMPT)
@@ -405,7 +563,75 @@ def test_ctrl_c_stops_a_reply_and_the_chat_goes_on(terminal):
     term.send("/stats\r")
     match = term.expect(STATS.pattern)
     assert int(match.group(1)) < 3000 and int(match.group(3)) == 4096
+    for command in (f"/save {saved}", f"/load {saved}", f"/save {again}"):
+        term.expect(PROMPT)
+        term.send(command + "\r")
+        term.expect(r"loaded 2 messages" if command.startswith("/load") else r"saved 2 messages")
     term.expect(PROMPT)
     term.send("/exit\r")
     assert term.wait() == 0
     assert "Traceback" not in term.text
+    user, reply = json.loads(saved.read_text(encoding="utf-8"))["messages"]
+    assert user == {"role": "user", "content": "hello"}
+    assert reply["interrupted"] is True and reply["content"]
+    assert again.read_text(encoding="utf-8") == saved.read_text(encoding="utf-8")
+
+
+
+def test_the_terminal_edits_recalls_and_pastes_messages(terminal, tmp_path, stories):
+    """Through prompt_toolkit: arrow keys edit the line (no escape codes reach the model), Up recalls the last
+    message, a bracketed paste is one message, a \"\"\" block spans lines (ended by its closing quotes, or sent by
+    Esc-Enter), and every message lands in the history file under the state dir."""
+    saved = tmp_path / "chat.json"
+    term = terminal("chat", need_stories(), "--temperature", "0", "-n", "4")
+    # Longer than the 4095 characters a terminal's line discipline holds: all of it arrives, and then cannot fit.
+    long_text = "the " * 1250
+    term.expect(PROMPT)
+    term.send(f"\x1b[200~{long_text}\x1b[201~\r")
+    match = term.expect(r"error: (\d+) tokens do not fit in the context of 512")
+    prompt = stories.tokenizer.encode_chat([{"role": "user", "content": long_text.strip()}])
+    assert int(match.group(1)) == len(prompt)
+    keystrokes = [
+        "Once upon a tme" + "\x1b[D" * 2 + "i\r",  # two steps left, then the missing letter
+        "\x1b[A" + " again\r",  # Up: the previous message, to add to
+        "\x1b[200~line one\nline two\x1b[201~" + "\r",  # a paste, then Enter
+        '"""\r' + "first\r" + 'second"""\r',
+        '"""\r' + "third\r" + "fourth" + "\x1b\r",  # Esc-Enter sends the block without its closing quotes
+    ]
+    for keys in keystrokes:
+        term.expect(PROMPT)
+        term.send(keys)
+        term.expect(r"generated \d+ tok")
+    term.expect(PROMPT)
+    term.send(f"/save {saved}\r")
+    term.expect("saved 10 messages")
+    term.expect(PROMPT)
+    term.send("\x04")  # Ctrl-D: leave
+    assert term.wait() == 0
+    assert "Traceback" not in term.text and "warning" not in term.text
+    messages = json.loads(saved.read_text(encoding="utf-8"))["messages"]
+    assert [m["content"] for m in messages if m["role"] == "user"] == [
+        "Once upon a time", "Once upon a time again", "line one\nline two", "first\nsecond", "third\nfourth"]
+    history = (tmp_path / "home" / "state" / "xqinfer" / "chat_history").read_text(encoding="utf-8")
+    typed = [line[1:] for line in history.splitlines() if line.startswith("+")]
+    assert typed == [long_text, "Once upon a time", "Once upon a time again", "line one", "line two", '"""', "first",
+                     'second"""', '"""', "third", "fourth", f"/save {saved}"]
+
+
+def test_a_history_file_that_cannot_be_written_is_warned_about_once(terminal, tmp_path):
+    """The state dir is a file here: one warning, and Up still recalls what this chat was given."""
+    home = tmp_path / "home"
+    env = child_env(home)
+    home.mkdir()
+    (home / "state").write_text("not a folder\n")
+    term = terminal("chat", need_stories(), env=env)
+    term.expect(r"warning: cannot keep the chat history in .*/state/xqinfer/chat_history: .*; it lasts for this "
+                r"session only")
+    for keys in ("/stats\r", "\x1b[A\r"):  # the second time through the history
+        term.expect(PROMPT)
+        term.send(keys)
+        term.expect(r"cache holds 0/512 tokens")
+    term.expect(PROMPT)
+    term.send("\x04")
+    assert term.wait() == 0
+    assert term.text.count("warning") == 1 and (home / "state").read_text() == "not a folder\n"

@@ -16,7 +16,7 @@ from .cache import CacheSpec
 from .config import ModelConfig
 from .device import pick_device, pick_dtype
 from .engine import Engine, GenerationStats
-from .errors import ConfigError
+from .errors import ConfigError, ContextError
 from .formats import open_checkpoint
 from .loader import load_checkpoint, random_model
 from .presets import preset_config
@@ -144,12 +144,13 @@ class Session:
         `sampling` is a SamplingParams, or a dict of settings applied over the model's defaults (None: the
         defaults); `stop` is one stop string or several.
         """
-        params = resolve_sampling(self.llm.sampling, sampling)
         stats = GenerationStats()
+        tokens: list[int] = []
+        # Set first, so that a request refused below never leaves the previous request's result in `last`.
+        self.last = GenerationResult("", tokens, stats, "interrupted")
+        params = resolve_sampling(self.llm.sampling, sampling)
         detokenizer = self.llm.tokenizer.detokenizer()
         stops = StopMatcher(stop)
-        tokens: list[int] = []
-        self.last = GenerationResult("", tokens, stats, "interrupted")
         eos = set(self.llm.eos_ids)
         finish = "length"
         tokens_out = self.engine.generate(prompt, params, max_tokens, stop_ids=self.llm.eos_ids, stats=stats)
@@ -175,15 +176,34 @@ class Session:
                     yield tail
         self.last.finish_reason = finish
 
+    def resume(self, messages: Sequence[Mapping[str, Any]]) -> None:
+        """Replaces the conversation (system prompt included) and prefills it, so the next turn costs only its own
+        tokens. Raises ContextError, and keeps the session as it was, when the conversation does not fit."""
+        messages = [dict(m) for m in messages]
+        ids = self.llm.tokenizer.encode_chat(messages, add_generation_prompt=False) if messages else []
+        if len(ids) > self.engine.limit:
+            raise ContextError(f"the conversation is {len(ids)} tokens and the context holds {self.engine.limit}")
+        self.engine.reset()
+        self.messages, self.last = messages, None
+        self.system = next((m["content"] for m in messages if m["role"] == "system"), None)
+        try:
+            self.engine.prefill(ids)
+        except BaseException:
+            self.engine.reset()  # a cache cut off mid-prefill is never reused: the next turn prefills everything
+            raise
+
     def chat(self, user: str, **kwargs) -> Iterator[str]:
-        """Adds a user turn, streams the reply, and records it as an assistant turn (also when interrupted)."""
+        """Adds a user turn, streams the reply, and records it as an assistant turn (also when interrupted: then
+        marked `"interrupted": True`)."""
         self.messages.append({"role": "user", "content": user})
         prompt = self.llm.tokenizer.encode_chat(self.messages, add_generation_prompt=True)
         try:
             yield from self.stream(prompt, **kwargs)
         finally:
-            reply = self.last.text if self.last is not None else ""
-            self.messages.append({"role": "assistant", "content": reply})
+            reply = {"role": "assistant", "content": self.last.text}
+            if self.last.finish_reason == "interrupted":
+                reply["interrupted"] = True
+            self.messages.append(reply)
 
 
 class StopMatcher:

@@ -2,26 +2,36 @@
 
 from __future__ import annotations
 
-import json
-from dataclasses import fields
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
 
 from . import api
+from .cache import CacheSpec, parse_spec
+from .chat_file import SavedChat, is_text, read_saved_chat, write_new_file
+from .chat_input import open_reader, unwrap_block
 from .errors import XQInferError
 from .formatting import stats_line
 from .sampling import SamplingParams
 
 DEFAULT_CHAT_CONTEXT = 4096
-HELP = """commands:
+HELP = '''commands:
   /help              this list
   /reset             forget the conversation (keeps the system prompt) and empty the cache
-  /set KEY VALUE     change a setting: temperature, top_p, top_k, min_p, repetition_penalty, seed, max_tokens
+  /set               list the settings; /set KEY VALUE changes one (KEY as the flags spell it too: temp, top-p, -n)
   /stats             speed and memory of the last reply, and what the cache holds
-  /save FILE         write the conversation as JSON (never overwrites a file)
-  /exit              leave (Ctrl-D too); Ctrl-C stops a reply and stays in the chat"""
+  /save FILE         write the conversation and its settings as JSON (never overwrites a file)
+  /load FILE         resume a chat that /save wrote: its conversation, sampling settings and max_tokens
+  /exit              leave (Ctrl-D too); Ctrl-C stops a reply and stays in the chat
+input:
+  """                begins a message of several lines; a line ending with """ ends it
+  Esc-Enter          (or Alt-Enter) sends a message of several lines as it stands; a paste is always one message
+  Up, Down           earlier messages, kept from one chat to the next in the history file'''
+SETTINGS = [item.name for item in fields(SamplingParams)] + ["max_tokens"]
+# The other names chat's command-line flags give the settings; dashes and underscores are alike in every key.
+SETTING_ALIASES = {"temp": "temperature", "repeat_penalty": "repetition_penalty", "n": "max_tokens"}
 
 
 class ChatREPL:
@@ -50,9 +60,10 @@ class ChatREPL:
             self.err.print("[yellow]the model has no chat template: using a plain transcript[/yellow]")
         self.err.print(f"[dim]chatting with {escape(self.llm.name)} ({escape(str(self.session.engine.spec))} cache, "
                        f"{self.session.engine.capacity} tokens). /help for commands, Ctrl-D to leave.[/dim]")
+        reader = open_reader(self.out, lambda text: self.err.print(f"[yellow]warning:[/yellow] {escape(text)}"))
         while True:
             try:
-                line = self.out.input("[bold green]>>> [/bold green]")
+                text = reader.read()
             except EOFError:
                 self.out.print()
                 return
@@ -62,17 +73,17 @@ class ChatREPL:
             except UnicodeDecodeError:
                 self.err.print("that line is not UTF-8 text: ignored")
                 continue
-            if not is_text(line):  # undecodable bytes that stdin kept as surrogates
+            if not is_text(text):  # undecodable bytes that stdin kept as surrogates
                 self.err.print("that line is not UTF-8 text: ignored")
                 continue
-            line = line.strip()
-            if not line:
-                continue
-            if line.startswith("/"):
-                if not self.command(line):
+            text = text.strip()
+            if text.startswith("/") and "\n" not in text:  # a pasted text of several lines is a message
+                if not self.command(text):
                     return
                 continue
-            self.reply(line)
+            text = unwrap_block(text).strip()
+            if text:
+                self.reply(text)
 
     def reply(self, text: str) -> None:
         before, previous = len(self.session.messages), self.session.last
@@ -103,9 +114,8 @@ class ChatREPL:
         engine = self.session.engine
         messages = self.session.messages + [{"role": "user", "content": text}]
         prompt = self.llm.tokenizer.encode_chat(messages, add_generation_prompt=True)
-        limit = engine.max_positions if engine.cache.is_ring else engine.capacity
         # The engine needs room for the prompt and every generated token but the last (which is never fed back).
-        room = limit - len(prompt) + 1
+        room = engine.limit - len(prompt) + 1
         # With no room at all, asking for one token lets the session raise its "does not fit" error.
         return max(1, min(self.max_tokens, room))
 
@@ -126,16 +136,29 @@ class ChatREPL:
             self.set_option(rest)
         elif name == "/save":
             self.save(rest)
+        elif name == "/load":
+            self.load(rest)
         else:
             self.err.print(f"unknown command {escape(name)}; /help lists them")
         return True
 
     def set_option(self, text: str) -> None:
-        key, _, value = text.partition(" ")
-        key, value = key.strip(), value.strip()
-        names = [f.name for f in fields(SamplingParams)] + ["max_tokens"]
-        if key not in names or not value:
-            self.err.print(f"usage: /set KEY VALUE with KEY one of {', '.join(names)}")
+        if not text:
+            for key, value in {**asdict(self.sampling), "max_tokens": self.max_tokens}.items():
+                shown = "random (a new seed each reply)" if key == "seed" and value is None else value
+                self.out.print(f"  {key:<20} {shown}", markup=False)
+            return
+        given, _, value = text.partition(" ")
+        value = value.strip()
+        spelled = given.lstrip("-").replace("-", "_")
+        key = SETTING_ALIASES.get(spelled, spelled)
+        if key not in SETTINGS:
+            others = ", ".join(alias.replace("_", "-") for alias in SETTING_ALIASES)
+            self.err.print(f"unknown setting {given!r}; the keys are {', '.join(SETTINGS)}, and {others} as the flags "
+                           f"spell them (- and _ alike)", markup=False)
+            return
+        if not value:
+            self.err.print(f"usage: /set {key} VALUE (/set alone lists the settings)")
             return
         try:
             if key == "max_tokens":
@@ -156,32 +179,59 @@ class ChatREPL:
             self.err.print("usage: /save FILE")
             return
         path = Path(name).expanduser()
-        text = json.dumps({"model": self.llm.name, "messages": self.session.messages}, indent=2, ensure_ascii=False)
+        engine = self.session.engine
+        saved = SavedChat(model=self.llm.name, cache=str(engine.spec), context=engine.capacity,
+                          max_tokens=self.max_tokens, sampling=asdict(self.sampling), messages=self.session.messages)
         try:
-            # Mode "x" creates the file or fails: an existing file is never touched, even one made a moment ago.
-            handle = path.open("x", encoding="utf-8")
-        except FileExistsError:
-            self.err.print(f"{escape(str(path))} already exists: choose another name (xqinfer never overwrites a file)")
-            return
-        except OSError as exc:
-            self.err.print(f"cannot write {escape(str(path))}: {escape(exc.strerror or str(exc))}")
-            return
-        try:
-            with handle:
-                handle.write(text + "\n")
-        except OSError as exc:
-            path.unlink(missing_ok=True)  # the half-written file is the one just created here, never the user's
-            self.err.print(f"cannot write {escape(str(path))}: {escape(exc.strerror or str(exc))}")
+            write_new_file(path, saved.to_json())
+        except XQInferError as exc:
+            self.err.print(escape(one_line(exc)))
             return
         self.out.print(f"[dim]saved {len(self.session.messages)} messages to {escape(str(path))}[/dim]")
 
+    def load(self, name: str) -> None:
+        """Resumes a saved chat. A bad file, or a conversation the cache cannot hold, leaves the current chat as it
+        is; a different model or cache is warned about, and the running one kept."""
+        if not name:
+            self.err.print("usage: /load FILE")
+            return
+        path = Path(name).expanduser()
+        try:
+            saved = read_saved_chat(path)
+        except XQInferError as exc:
+            self.err.print(escape(one_line(exc)))
+            return
+        refilled = True
+        try:
+            self.session.resume(saved.messages)
+        except XQInferError as exc:
+            self.err.print(f"cannot load {escape(str(path))}: {escape(one_line(exc))}; the current chat goes on")
+            return
+        except KeyboardInterrupt:
+            refilled = False
+        self.sampling = replace(self.sampling, **(saved.sampling or {}))
+        self.max_tokens = saved.max_tokens or self.max_tokens
+        engine = self.session.engine
+        others = []  # what the file ran with, where this chat runs something else
+        if saved.model is not None and saved.model != self.llm.name:
+            others.append(("model", saved.model, self.llm.name))
+        if saved.cache is not None and not same_cache(saved.cache, engine.spec):
+            others.append(("cache", saved.cache, str(engine.spec)))
+        if others:
+            theirs = " and ".join(f"{what} {escape(value)}" for what, value, _ in others)
+            ours = " and ".join(f"{what} {escape(value)}" for what, _, value in others)
+            self.err.print(f"[yellow]warning:[/yellow] {escape(str(path))} was saved with {theirs}; "
+                           f"this chat keeps {ours}")
+        held = f"{engine.length}/{engine.capacity} tokens in the cache" if refilled else \
+            "refilling the cache interrupted: the next turn prefills it all"
+        self.out.print(f"[dim]loaded {len(saved.messages)} messages from {escape(str(path))} ({held})[/dim]")
 
-def is_text(line: str) -> bool:
-    try:
-        line.encode("utf-8")
-    except UnicodeEncodeError:
+
+def same_cache(saved: str, running: CacheSpec) -> bool:
+    try:  # parsed, so that a spec that leaves the defaults out is the same cache as one written in full
+        return parse_spec(saved) == running
+    except XQInferError:
         return False
-    return True
 
 
 def one_line(text: object) -> str:
