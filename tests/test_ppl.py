@@ -215,8 +215,8 @@ def strict_json(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"), parse_constant=refuse)
 
 
-TOP_LEVEL = {"dataset": str, "model": str, "protocol": str, "ctx": int, "chunk": int, "windows_total": int,
-             "interrupted": bool, "methods": list}
+TOP_LEVEL = {"dataset": str, "model": str, "protocol": str, "ctx": int, "chunk": int, "scoring": str,
+             "windows_total": int, "interrupted": bool, "methods": list}
 ROW = {"spec": str, "bits": str, "normalized_size": float, "compression": float, "ppl": float, "ppl_stderr": float,
        "delta_ppl": float, "tokens": int, "windows": int, "seconds": float}
 FINAL = re.compile(r"^\[(.+)\] Final estimate: PPL = ([\d.]+) \+/- ([\d.]+)$", re.MULTILINE)
@@ -307,6 +307,8 @@ BAD_INPUTS = {
     "missing": (lambda d: None, [], ["does not exist"]),
     "ctx beyond positions": (None, ["--ctx", "513"], ["--ctx 513", "512 positions"]),
     "ctx below 2": (None, ["--ctx", "1"], ["--ctx must be at least 2"]),
+    "ctx below 3, llama.cpp": (None, ["--ctx", "2", "--scoring", "llama.cpp"], ["--ctx must be at least 3"]),
+    "unknown scoring": (None, ["--scoring", "lm-eval"], ["unknown scoring 'lm-eval'", "gptq, llama.cpp"]),
     "unknown protocol": (None, ["--protocol", "batch"], ["unknown protocol 'batch'", "sim, stream"]),
     "unknown method": (None, ["--cache", "kvquant:bits=2"], ["unknown cache method 'kvquant'", "xquant-cl"]),
     "unknown option": (None, ["--cache", "xquant:bitz=2"], ["unknown option 'bitz'"]),
@@ -405,3 +407,44 @@ def test_ctrl_c_in_the_first_window_still_writes_valid_json(stories, tmp_path, m
     data = strict_json(path)
     assert data["interrupted"] is True
     assert all(row["windows"] == 0 and row["ppl"] is None for row in data["methods"])
+
+
+# --- llama-perplexity's scoring -------------------------------------------------------------------------------------
+
+
+def second_half_nll(llm, window: list[int]) -> torch.Tensor:
+    """What llama-perplexity scores of one window, computed here directly: the plain model over a fresh fp16 cache,
+    the NLL of tokens ctx/2+1 .. ctx-1."""
+    ctx = len(window)
+    tokens = torch.tensor([window])
+    with torch.inference_mode():
+        logits = llm.model(tokens, torch.arange(ctx), make_cache("fp16", llm.model, ctx))
+    log_probs = torch.log_softmax(logits[0].double(), dim=-1)
+    first = ctx // 2
+    return -log_probs[first:-1].gather(-1, tokens[0, first + 1 :, None]).squeeze(-1)
+
+
+@pytest.mark.parametrize("ctx", [64, 65])
+def test_llama_cpp_scoring_is_bos_per_window_and_the_second_half(stories, ctx, single_thread):
+    ids = stories.tokenizer.encode(read_text(SAMPLE), add_bos=True)
+    bos = stories.tokenizer.bos_id
+    assert bos is not None and ids[0] == bos  # a tokenizer that adds BOS: every window gets one
+    report = perplexity(stories, SAMPLE, ["kivi:bits=2"], ctx=ctx, limit=3, scoring="llama.cpp")
+    windows = [[bos] + ids[start + 1 : start + ctx] for start in range(0, 3 * ctx, ctx)]
+    nll = torch.cat([second_half_nll(stories, window) for window in windows])
+    baseline = report.baseline
+    assert baseline.tokens == 3 * (ctx - ctx // 2 - 1) == nll.numel()
+    assert baseline.ppl == pytest.approx(math.exp(nll.mean().item()), rel=1e-5)
+    assert report.as_dict()["scoring"] == "llama.cpp"
+    gptq = perplexity(stories, SAMPLE, [], ctx=ctx, limit=3)
+    assert gptq.baseline.tokens == 3 * (ctx - 1) and gptq.baseline.ppl != pytest.approx(baseline.ppl, rel=1e-3)
+
+
+def test_llama_cpp_scoring_leaves_windows_alone_without_a_bos(stories, monkeypatch, single_thread):
+    """A tokenizer that adds no BOS (SmolLM2's GGUF, for one) gets none: llama-perplexity adds it only if add_bos."""
+    ctx = 64
+    ids = stories.tokenizer.encode(read_text(SAMPLE), add_bos=True)[1:]
+    monkeypatch.setattr(stories.tokenizer, "encode", lambda text, add_bos=True: list(ids))
+    report = perplexity(stories, SAMPLE, [], ctx=ctx, limit=2, scoring="llama.cpp")
+    nll = torch.cat([second_half_nll(stories, ids[start : start + ctx]) for start in (0, ctx)])
+    assert report.baseline.ppl == pytest.approx(math.exp(nll.mean().item()), rel=1e-5)

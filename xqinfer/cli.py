@@ -201,6 +201,9 @@ def ppl(
     chunk: int = typer.Option(1, "--chunk", help="stream: tokens per forward (1 = token-by-token decode)."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Score at most this many windows."),
     kld: bool = typer.Option(False, "--kld", help="Also report the KL divergence to fp16 per token."),
+    scoring: str = typer.Option(
+        "gptq", "--scoring",
+        help="gptq (every position of every window) or llama.cpp (BOS per window, its second half scored)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON to this file."),
     preset: Optional[str] = PresetOpt,
     dtype: Optional[str] = DtypeOpt,
@@ -210,8 +213,9 @@ def ppl(
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from .formatting import perplexity_table
-    from .ppl import perplexity, read_text
+    from .ppl import check_options, perplexity, read_text
 
+    check_options(ctx, protocol, scoring, chunk)
     read_text(dataset)  # refuse a bad dataset before spending time on the model
     if json_path is not None and json_path.resolve() == dataset.resolve():
         raise XQInferError("--json would overwrite the dataset; choose another file")
@@ -223,7 +227,7 @@ def ppl(
     with Progress(*columns, console=err, transient=True) as bar:
         task = bar.add_task(f"ppl {protocol}", total=None)
         report = perplexity(llm, dataset, specs, ctx=ctx, protocol=protocol, chunk=chunk, limit=limit, kld=kld,
-                            progress=lambda done, total: bar.update(task, completed=done, total=total))
+                            scoring=scoring, progress=lambda done, total: bar.update(task, completed=done, total=total))
     if report.interrupted:
         err.print(f"[yellow]interrupted: the table covers the {report.baseline.windows} complete window(s)[/yellow]")
     print_table(perplexity_table(report))

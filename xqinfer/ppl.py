@@ -5,6 +5,10 @@ the whole file is tokenized once (CRLF -> LF, the tokenizer's BOS once at the st
 windows of `ctx` tokens with the partial tail dropped, and PPL = exp(mean cross-entropy over every position of
 every window that has a next token). Every method scores exactly the same positions, and `fp16` always runs first
 as the baseline, so ΔPPL and the KL divergence compare like with like.
+
+`scoring="llama.cpp"` scores as llama-perplexity does, so its figures sit beside llama.cpp's: the same windows, the
+first token of each replaced by BOS when the tokenizer adds one, and only the second half of each window scored
+(positions ctx/2 .. ctx-2 predicting the tokens after them), which every token sees at least ctx/2 of context for.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from .cache import CacheSpec, make_cache, parse_spec
 from .errors import XQInferError
 
 PROTOCOLS = ("sim", "stream")
+SCORINGS = ("gptq", "llama.cpp")
 BASELINE = "fp16"
 
 
@@ -50,8 +55,6 @@ def read_text(path: str | Path) -> str:
 
 def make_windows(ids: list[int], ctx: int, limit: int | None = None) -> list[list[int]]:
     """Non-overlapping windows of `ctx` tokens, the partial tail dropped, at most `limit` of them."""
-    if ctx < 2:
-        raise XQInferError("--ctx must be at least 2 (a window needs a next token to score)")
     if len(ids) < ctx:
         raise XQInferError(f"the text has {len(ids)} tokens, fewer than one window of --ctx {ctx}; "
                            f"use --ctx {len(ids)} or less")
@@ -104,6 +107,7 @@ class PerplexityReport:
     windows_total: int
     scores: list[MethodScore]
     with_kld: bool
+    scoring: str = "gptq"
     interrupted: bool = False
     extra: dict = field(default_factory=dict)
 
@@ -138,6 +142,7 @@ class PerplexityReport:
             "protocol": self.protocol,
             "ctx": self.ctx,
             "chunk": self.chunk,
+            "scoring": self.scoring,
             "windows_total": self.windows_total,
             "interrupted": self.interrupted,
             "methods": self.rows(),
@@ -155,29 +160,34 @@ def perplexity(
     chunk: int = 1,
     limit: int | None = None,
     kld: bool = False,
+    scoring: str = "gptq",
     progress: Callable[[int, int], None] | None = None,
 ) -> PerplexityReport:
     """Scores every method on the same windows; on KeyboardInterrupt returns what complete windows gave.
 
     `progress(done, total)` is called after each (window, method) pass.
     """
-    if protocol not in PROTOCOLS:
-        raise XQInferError(f"unknown protocol {protocol!r} (accepted: {', '.join(PROTOCOLS)})")
-    if chunk < 1:
-        raise XQInferError("--chunk must be at least 1")
+    check_options(ctx, protocol, scoring, chunk)
     limit_positions = llm.config.max_position_embeddings
     if ctx > limit_positions:
         raise XQInferError(f"--ctx {ctx} exceeds the model's {limit_positions} positions")
     parsed = [parse_spec(s) if isinstance(s, str) else s for s in specs]
     parsed = [parse_spec(BASELINE)] + [s for s in parsed if str(s) != BASELINE]
-    windows = make_windows(llm.tokenizer.encode(read_text(dataset), add_bos=True), ctx, limit)
+    ids = llm.tokenizer.encode(read_text(dataset), add_bos=True)
+    windows = make_windows(ids, ctx, limit)
+    first = 0
+    if scoring == "llama.cpp":
+        first = ctx // 2
+        bos = llm.tokenizer.bos_id
+        if bos is not None and ids[0] == bos:  # the tokenizer adds BOS: every window starts with one
+            windows = [[bos] + window[1:] for window in windows]
     caches = [make_cache(spec, llm.model, ctx) for spec in parsed]
     for cache in caches:
         cache.simulate = protocol == "sim"
     # The caches' specs have the model-dependent options (AsymKV's lk, XQuant-KV's kq...) filled in.
     scores = [MethodScore(cache.spec, normalized_size(cache.spec, llm.config, llm.dtype),
                           bits_label(cache.spec, llm.config)) for cache in caches]
-    report = PerplexityReport(str(dataset), llm.name, protocol, ctx, chunk, len(windows), scores, kld)
+    report = PerplexityReport(str(dataset), llm.name, protocol, ctx, chunk, len(windows), scores, kld, scoring)
     total, done = len(windows) * len(parsed), 0
     try:
         for window in windows:
@@ -187,8 +197,8 @@ def perplexity(
             for cache, score in zip(caches, scores):
                 start = time.perf_counter()
                 logits = window_logits(llm, cache, tokens, protocol, chunk)
-                log_probs = F.log_softmax(logits[0, :-1].float(), dim=-1)
-                nll = -log_probs.gather(-1, tokens[0, 1:, None]).squeeze(-1)
+                log_probs = F.log_softmax(logits[0, first:-1].float(), dim=-1)
+                nll = -log_probs.gather(-1, tokens[0, first + 1 :, None]).squeeze(-1)
                 divergence = 0.0
                 if reference is None:
                     reference = log_probs
@@ -210,6 +220,21 @@ def perplexity(
     except KeyboardInterrupt:
         report.interrupted = True
     return report
+
+
+def check_options(ctx: int, protocol: str, scoring: str, chunk: int) -> None:
+    """Refuses what no model could make sense of (the CLI calls it before loading one)."""
+    if protocol not in PROTOCOLS:
+        raise XQInferError(f"unknown protocol {protocol!r} (accepted: {', '.join(PROTOCOLS)})")
+    if scoring not in SCORINGS:
+        raise XQInferError(f"unknown scoring {scoring!r} (accepted: {', '.join(SCORINGS)})")
+    if chunk < 1:
+        raise XQInferError("--chunk must be at least 1")
+    # gptq scores every position but the last; llama.cpp the second half of the window but its last position.
+    least = 3 if scoring == "llama.cpp" else 2
+    if ctx < least:
+        raise XQInferError(f"--ctx must be at least {least} with --scoring {scoring} (a window needs a scored "
+                           "position and its next token)")
 
 
 @torch.inference_mode()
