@@ -304,7 +304,7 @@ def test_plan_json_schema(monkeypatch, capsys, tmp_path):
     data = check_plan_json(path, "llama-3.1-8b", preset_config("llama-3.1-8b"), 80 * GB, 32768)
     assert [r["method"] for r in data["methods"]] == [str(parse_spec(m)) for m in DEFAULT_METHODS]
     # The table: title with model, budget and context, a header, one row per method.
-    assert "llama-3.1-8b" in out and "context 32768" in out and "max context (b=1)" in out
+    assert "llama-3.1-8b" in out and "context 32768" in out and "max ctx b=1" in out
     for method in DEFAULT_METHODS:
         assert parse_spec(method).label() in out
 
@@ -312,7 +312,8 @@ def test_plan_json_schema(monkeypatch, capsys, tmp_path):
 def test_plan_decode_floors_from_the_device_rates(monkeypatch, capsys, tmp_path):
     path = tmp_path / "plan.json"
     code, out, err = run_cli(monkeypatch, capsys, "plan", "--memory", "141GB", "--context", "32k", "--bandwidth",
-                             "4300", "--matmul", "790", "--cache", "fp16", "--cache", "xquant-cl", "--json", path)
+                             "4300", "--matmul", "790", "--wide", "--cache", "fp16", "--cache", "xquant-cl",
+                             "--json", path)
     assert code == 0, err
     data = json.loads(path.read_text(encoding="utf-8"))
     peaks = Peaks(4300e9, 790e12, "bfloat16")

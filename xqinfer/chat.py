@@ -11,7 +11,7 @@ from rich.markup import escape
 
 from . import api
 from .errors import XQInferError
-from .formatting import stats_line
+from .formatting import fit_line, stats_line, terminal_width
 from .sampling import SamplingParams
 
 DEFAULT_CHAT_CONTEXT = 4096
@@ -95,7 +95,7 @@ class ChatREPL:
         last = self.session.last
         if last is not None and budget < self.max_tokens and last.finish_reason == "length":
             self.err.print("[yellow]the context is full: /reset starts over[/yellow]")
-        self.err.print(f"[dim]{escape(stats_summary(self.session))}[/dim]")
+        self.err.print(f"[dim]{escape(fit_line(stats_summary(self.session), terminal_width(self.err)))}[/dim]")
 
     def reply_budget(self, text: str) -> int:
         """max_tokens, cut to the room the context has left: a long conversation's last reply ends at the limit
@@ -121,7 +121,7 @@ class ChatREPL:
             self.session.reset()
             self.out.print("[dim]conversation and cache cleared[/dim]")
         elif name == "/stats":
-            self.out.print(stats_summary(self.session), markup=False)
+            self.out.print(fit_line(stats_summary(self.session), terminal_width(self.out)), markup=False)
         elif name == "/set":
             self.set_option(rest)
         elif name == "/save":

@@ -19,7 +19,7 @@ from . import api
 from .cache import CacheSpec, parse_spec
 from .device import pick_device
 from .errors import XQInferError, XQInferWarning
-from .formatting import stats_line
+from .formatting import fit_line, stats_line, terminal_width
 from .sampling import SamplingParams
 
 try:  # typer >= 0.16 vendors click; older releases use click itself
@@ -46,6 +46,8 @@ DtypeOpt = typer.Option(None, "--dtype", help="bf16, fp16 or fp32 (default: bf16
 DeviceOpt = typer.Option(None, "--device", help="cpu or cuda (default: cuda when present).")
 # A list, so that a second --cache is seen and refused (a plain option would keep the last one silently).
 CacheOpt = typer.Option([], "--cache", help="Cache method spec, e.g. fp16, xquant:bits=4 (default: fp16).")
+WideOpt = typer.Option(
+    False, "--wide", help="Show every column of the table (default: those that fit the terminal; 80 in a pipe).")
 
 
 def one_cache(caches: Sequence[str]) -> CacheSpec:
@@ -127,7 +129,7 @@ def generate(
         sys.stdout.write(chunk)
         sys.stdout.flush()
     sys.stdout.write("\n")
-    err.print(f"[dim]{stats_line(session.last)}[/dim]")
+    err.print(f"[dim]{fit_line(stats_line(session.last), terminal_width(err))}[/dim]")
 
 
 def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
@@ -202,6 +204,7 @@ def ppl(
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Score at most this many windows."),
     kld: bool = typer.Option(False, "--kld", help="Also report the KL divergence to fp16 per token."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON to this file."),
+    wide: bool = WideOpt,
     preset: Optional[str] = PresetOpt,
     dtype: Optional[str] = DtypeOpt,
     device: Optional[str] = DeviceOpt,
@@ -226,7 +229,8 @@ def ppl(
                             progress=lambda done, total: bar.update(task, completed=done, total=total))
     if report.interrupted:
         err.print(f"[yellow]interrupted: the table covers the {report.baseline.windows} complete window(s)[/yellow]")
-    print_table(perplexity_table(report))
+    width = table_width(wide)
+    print_table(perplexity_table(report, width), width)
     for row in report.rows():
         out.print(f"[{escape(row['spec'])}] Final estimate: PPL = {row['ppl']:.4f} +/- {row['ppl_stderr']:.5f}",
                   markup=False)
@@ -253,6 +257,7 @@ def bench(
     floors: bool = typer.Option(
         False, "--floors",
         help="Measure copy bandwidth and matmul rate first; show each decode speed against its floor."),
+    wide: bool = WideOpt,
     preset: Optional[str] = PresetOpt,
     dtype: Optional[str] = DtypeOpt,
     device: Optional[str] = DeviceOpt,
@@ -286,7 +291,8 @@ def bench(
                         report=lambda r: err.print(f"[dim]  done: {r.method} at {r.context} tokens[/dim]"),
                         failed=failed)
     if results:
-        print_table(bench_table(results, env))
+        width = table_width(wide)
+        print_table(bench_table(results, env, width), width)
     if json_path is not None:
         write_json(json_path, {**env, "peaks": peaks.as_dict() if peaks else None,
                                "results": [r.as_dict() for r in results], "failures": failures})
@@ -312,6 +318,7 @@ def plan(
         None, "--bandwidth", min=0.001, help="Device copy bandwidth in GB/s (with --matmul: decode floors)."),
     matmul: Optional[float] = typer.Option(
         None, "--matmul", min=0.001, help="Device matmul rate in TFLOP/s in --dtype (with --bandwidth)."),
+    wide: bool = WideOpt,
     preset: Optional[str] = PresetOpt,
 ) -> None:
     """How much each cache method stores per token, and the largest context and batch that fit in memory."""
@@ -337,17 +344,30 @@ def plan(
     peaks = Peaks(bandwidth * 1e9, matmul * 1e12, rates_dtype) if bandwidth is not None else None
     rows = make_plan(config, specs, memory=budget, context=tokens, batch=batch,
                      dtype=torch_dtype(dtype), peaks=peaks)
-    print_table(plan_table(rows, name, budget, tokens, batch))
+    width = table_width(wide)
+    print_table(plan_table(rows, name, budget, tokens, batch, width), width)
     if json_path is not None:
         write_json(json_path, {"model": name, "memory_bytes": budget, "context": tokens, "batch": batch,
                                "dtype": dtype, "peaks": peaks.as_dict() if peaks else None,
                                "methods": [r.as_dict() for r in rows]})
 
 
-def print_table(table) -> None:
-    # A table is read whole: into a pipe or a file it is never squeezed to the 80 columns rich assumes there.
-    console = out if out.is_terminal else Console(highlight=False, width=240)
-    console.print(table)
+def table_width(wide: bool) -> int | None:
+    """Columns a table may take: none with --wide; else $COLUMNS, the terminal's width, or 80 in a pipe (where the
+    terminal a reader ends up in is unknown)."""
+    if wide:
+        return None
+    columns = os.environ.get("COLUMNS", "")
+    if columns.isdigit() and int(columns) > 0:
+        return int(columns)
+    return out.width if out.is_terminal else 80
+
+
+def print_table(table, width: int | None) -> None:
+    from .formatting import natural_width
+
+    # Its own console: `out` would squeeze a --wide table to the terminal (and wraps nothing in a pipe).
+    Console(highlight=False, width=width or natural_width(table)).print(table)
 
 
 def json_temporary(path: Path) -> Path:

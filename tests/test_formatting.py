@@ -1,0 +1,194 @@
+"""Tables and stats lines that fit the terminal: columns chosen by width (the most important kept), every number
+shown in full (never `…`), every line within the width; `--wide` and `--json` keep everything."""
+
+from __future__ import annotations
+
+import io
+import sys
+
+import pytest
+import torch
+from rich.cells import cell_len
+from rich.console import Console
+
+from xqinfer import cli
+from xqinfer.bench import DEFAULT_METHODS, BenchResult
+from xqinfer.cache import parse_spec
+from xqinfer.formatting import bench_table, fit_line, perplexity_table, plan_table
+from xqinfer.plan import plan
+from xqinfer.ppl import MethodScore, PerplexityReport
+from xqinfer.presets import preset_config
+
+WIDTHS = (80, 120)
+
+
+def rendered(table, width: int | None) -> str:
+    console = Console(file=io.StringIO(), width=width or 1000, highlight=False)
+    console.print(table)
+    return console.file.getvalue()
+
+
+def assert_fits(text: str, width: int) -> None:
+    assert "…" not in text, text
+    widest = max(cell_len(line.rstrip()) for line in text.splitlines())
+    assert widest <= width, f"a line of {widest} columns at width {width}:\n{text}"
+
+
+def bench_results() -> list[BenchResult]:
+    # Distinct figures per row, so that each one can be looked for in full.
+    return [BenchResult(str(parse_spec(method)), 32768, 1, 128, 3, True, "torch",
+                        prefill_tokens_per_s=12000.5 + i, decode_tokens_per_s=1000.25 + 10 * i,
+                        decode_tokens_per_s_std=1.5 + i, time_to_first_token_s=2.5 + i,
+                        peak_memory_bytes=(17 + i) << 30, weights_bytes=16 << 30, cache_bytes=(i + 1) << 28,
+                        workspace_bytes=300 << 20, cache_bytes_per_token=131072 - i, normalized_size=1 / (i + 1))
+            for i, method in enumerate(DEFAULT_METHODS)]
+
+
+ENV = {"model": "llama-3.1-8b", "device": "cuda: NVIDIA H200", "dtype": "bfloat16"}
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_bench_table_fits_and_keeps_its_key_numbers_whole(width):
+    results = bench_results()
+    text = rendered(bench_table(results, ENV, width), width)
+    assert_fits(text, width)
+    for r in results:
+        assert parse_spec(r.method).label() in text
+        assert f"{r.decode_tokens_per_s:.2f} ± {r.decode_tokens_per_s_std:.2f}" in text
+        assert f"{r.prefill_tokens_per_s:.1f}" in text
+    assert "32768" in text and "batch 1" in text and "CUDA graphs" in text  # what every row shares: the title
+    assert "not shown at this width" in text and "--wide" in text  # what is left out is said
+    if width >= 120:
+        assert "TTFT s" in text and "peak" in text and "normalized" in text
+        for r in results:
+            assert f"{r.time_to_first_token_s:.3f}" in text
+
+
+def test_wide_tables_have_every_column():
+    text = rendered(bench_table(bench_results(), ENV, None), None)
+    for header in ("ctx", "prefill t/s", "decode t/s", "TTFT s", "peak", "weights", "cache", "workspace", "B/token",
+                   "normalized"):
+        assert header in text
+    assert "not shown" not in text and "…" not in text
+
+
+def plan_rows():
+    return plan(preset_config("llama-3.1-8b"), DEFAULT_METHODS, memory=80 * 10**9, context=131072,
+                dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_plan_table_fits_and_keeps_its_key_numbers_whole(width):
+    rows = plan_rows()
+    text = rendered(plan_table(rows, "llama-3.1-8b", 80 * 10**9, 131072, 1, width), width)
+    assert_fits(text, width)
+    assert "fits" in text and "max ctx b=1" in text and "max batch" in text
+    for row in rows:
+        assert parse_spec(row.method).label() in text
+        assert str(row.max_batch_at_context) in text
+    if width >= 120:
+        assert "normalized" in text and "B/token" in text
+        for row in rows:
+            assert f"{row.normalized_size:.4f}" in text and f"{row.bytes_per_token:.0f}" in text
+
+
+def perplexity_report() -> PerplexityReport:
+    specs = ["fp16", "kivi:bits=2,group=128,prerope=1", "xquant-cl:bits=2", "xquant:bits=4"]
+    scores = [MethodScore(parse_spec(spec), 1 / (i + 1), str(4 - i), nll_sum=1.7 * 1000 + i, nll_squares=3100.0 + i,
+                          kld_sum=float(i), tokens=1000, windows=2, seconds=12.5 + i)
+              for i, spec in enumerate(specs)]
+    return PerplexityReport("wikitext2-test.txt", "llama-3.1-8b", "stream", 512, 8, 2, scores, with_kld=True)
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_perplexity_table_fits_and_keeps_its_key_numbers_whole(width):
+    report = perplexity_report()
+    text = rendered(perplexity_table(report, width), width)
+    assert_fits(text, width)
+    for row in report.rows():
+        assert parse_spec(row["spec"]).label() in text
+        assert f"{row['ppl']:.4f} ± {row['ppl_stderr']:.4f}" in text and f"{row['delta_ppl']:+.4f}" in text
+    if width >= 120:
+        for row in report.rows():
+            assert f"{row['kld']:.5f}" in text and f"{row['normalized_size']:.4f}" in text
+
+
+def test_a_single_scored_token_has_no_spread_to_show():
+    report = perplexity_report()
+    for score in report.scores:
+        score.tokens, score.nll_sum, score.nll_squares = 1, 1.5, 2.25  # a standard error needs two
+    text = rendered(perplexity_table(report, 120), 120)
+    assert "nan" not in text and "±" not in text and f"{report.baseline.ppl:.4f}" in text
+
+
+def test_figures_with_nothing_to_average_show_a_dash():
+    report = perplexity_report()
+    for score in report.scores:
+        score.tokens = score.windows = 0  # Ctrl-C before the first window was complete
+        score.nll_sum = score.nll_squares = score.kld_sum = 0.0
+    text = rendered(perplexity_table(report, 120), 120)
+    assert "nan" not in text.lower() and "inf" not in text.lower()
+    header = row_cells(text, "method")
+    for spec in ("fp16", "xquant-cl"):
+        cells = dict(zip(header, row_cells(text, spec)))
+        assert cells["PPL"] == cells["ΔPPL"] == cells["KLD"] == "-" and cells["tokens"] == "0"
+
+
+def row_cells(text: str, first: str) -> list[str]:
+    """The cells of the table row (or header) whose first cell is `first`."""
+    for line in text.splitlines():
+        cells = [cell.strip() for cell in line.strip("│┃ ").replace("┃", "│").split("│")]
+        if cells[0] == first:
+            return cells
+    raise AssertionError(f"no row {first!r} in:\n{text}")
+
+
+def test_a_width_too_small_for_the_key_columns_wraps_rather_than_cuts():
+    for table in (bench_table(bench_results(), ENV, 40), plan_table(plan_rows(), "m", 10**9, 4096, 1, 40)):
+        assert_fits(rendered(table, 40), 40)
+
+
+# --- the command line: the terminal's width, $COLUMNS, 80 in a pipe, --wide ---------------------------------------
+
+
+def run_plan(monkeypatch, capsys, *args: str) -> str:
+    monkeypatch.setattr(sys, "argv", ["xqinfer", "plan", "--memory", "80GB", "--context", "128k", *args])
+    with pytest.raises(SystemExit) as exited:
+        cli.main()
+    out, err = capsys.readouterr()
+    assert exited.value.code in (0, None), err
+    return out
+
+
+def test_plan_in_a_pipe_fits_80_columns_unless_told_otherwise(monkeypatch, capsys):
+    monkeypatch.delenv("COLUMNS", raising=False)
+    assert_fits(run_plan(monkeypatch, capsys), 80)
+    monkeypatch.setenv("COLUMNS", "120")
+    text = run_plan(monkeypatch, capsys)
+    assert_fits(text, 120)
+    assert max(cell_len(line.rstrip()) for line in text.splitlines()) > 80  # the room is used
+    wide = run_plan(monkeypatch, capsys, "--wide")
+    for header in ("normalized", "equiv. bits", "B/token", "cache @ ctx", "weights", "workspace", "fits",
+                   "max ctx b=1", "max batch"):
+        assert header in wide
+    assert "not shown" not in wide and "…" not in wide
+
+
+STATS = ("prompt 5 tok, 983.2 tok/s | generated 200 tok, 368.1 tok/s | peak memory +12.30 MiB (process 414.40 MiB) | "
+         "cache kv fp32 257.85 KiB (normalized 2.0000) | cache holds 205/4096 tokens, 0 reused from earlier turns")
+
+
+@pytest.mark.parametrize("width", [40, 80, 120])
+def test_a_stats_line_breaks_at_its_separators_only(width):
+    text = fit_line(STATS, width)
+    lines = text.splitlines()
+    assert all(len(line) <= width for line in lines), text
+    if width >= 80:  # every part fits in a line: a line break replaces a separator
+        assert len(lines) > 1 and " | ".join(lines) == STATS
+    else:  # a part longer than the line wraps at its spaces, never inside a word
+        words = [word for word in STATS.split() if word != "|"]
+        assert [word for word in " ".join(lines).split() if word != "|"] == words
+
+
+def test_a_stats_line_is_left_whole_without_a_width():
+    assert fit_line(STATS, None) == STATS
