@@ -341,7 +341,7 @@ def test_allow_extrapolation_runs_past_the_model_positions(monkeypatch, capsys, 
 
 
 TOP_LEVEL = {"model": str, "random_weights": bool, "device": str, "dtype": str, "threads": int, "torch": str,
-             "python": str, "xqinfer": str, "command": str, "peaks": type(None), "results": list}
+             "python": str, "xqinfer": str, "command": str, "peaks": type(None), "interrupted": bool, "results": list}
 RESULT_FIELDS = {"method": str, "context": int, "batch": int, "gen": int, "reps": int, "cuda_graph": bool,
                  "decode_path": str,
                  "prefill_tokens_per_s": float, "decode_tokens_per_s": float, "decode_tokens_per_s_std": float,
@@ -358,7 +358,7 @@ def check_bench_json(path: Path, out: str, context: int, gen: int, reps: int) ->
     for key, kind in TOP_LEVEL.items():
         assert key in data, f"{key} missing from {sorted(data)}"
         assert type(data[key]) is kind, f"{key}={data[key]!r} is not {kind.__name__}"
-    assert data["model"] == "llama-tiny" and data["random_weights"] is True
+    assert data["model"] == "llama-tiny" and data["random_weights"] is True and data["interrupted"] is False
     assert data["device"].startswith("cpu") and data["dtype"] == "float32"
     assert data["torch"] == torch.__version__ and data["threads"] >= 1
     assert data["command"].startswith("xqinfer bench") and f"--context {context}" in data["command"]
@@ -418,7 +418,7 @@ def test_bench_with_a_short_context_and_few_tokens(monkeypatch, capsys, tmp_path
 
 def test_bench_api_with_a_tiny_context():
     llm = xqinfer.load(preset="llama-tiny", device="cpu")
-    results = bench(llm, [16], ["fp16"], gen=2, reps=1)
+    results = bench(llm, [16], ["fp16"], gen=2, reps=1).results
     assert len(results) == 1 and results[0].decode_tokens_per_s > 0
 
 

@@ -563,3 +563,75 @@ def test_generate_into_a_pipe_that_closes_early_is_quiet(real_runs):
     assert head == ", ther"
     assert "Traceback" not in err and "Exception ignored" not in err, err
     assert code in (0, 1), err  # 1 when a write hit the closed pipe, 0 if the text all fit in the pipe first
+
+
+# --- Ctrl-C ----------------------------------------------------------------------------------------------------------
+# A real SIGINT to a real process, sent while it is still working: random weights, many tokens to go. Sampled text of
+# random weights is mostly bytes that are no UTF-8, which the stream holds back: the first chunk comes at once, the
+# next only thousands of tokens later, so the signal always lands mid-run.
+
+RANDOM_GENERATE = ["generate", "--preset", "llama-tiny", "--device", "cpu", "-p", "Once", "-n", "4000", "--no-chat",
+                   "--temperature", "0.7", "--top-k", "40", "--seed", "1"]
+
+
+def test_ctrl_c_in_generate_prints_the_stats_so_far_and_exits_130():
+    import signal
+
+    process = start_cli(*RANDOM_GENERATE)
+    first = process.stdout.read(1)  # generation is under way
+    process.send_signal(signal.SIGINT)
+    code, out, err = finish(process)
+    text = ANSI.sub("", err)
+    assert code == 130, err
+    assert "Traceback" not in err and "internal error" not in err, err
+    assert (first.decode(errors="replace") + out).endswith("\n")  # the text ends its line
+    assert "[interrupted]" in text
+    match = STATS_LINE.search(text)
+    assert match, err
+    assert int(match.group(1)) == 5 and 1 <= int(match.group(3)) < 4000  # what was generated before the signal
+
+
+def test_ctrl_c_in_generate_json_still_prints_the_object(monkeypatch, capsys):
+    """--json prints the object of what was generated, `finish_reason` "interrupted", and exits 130."""
+    from xqinfer.engine import Engine
+
+    decode, steps = Engine.decode, []
+
+    def interrupted_at_the_fourth_step(self, *args, **kwargs):
+        steps.append(1)
+        if len(steps) == 4:
+            raise KeyboardInterrupt
+        return decode(self, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "decode", interrupted_at_the_fourth_step)
+    code, out, err = call_main(monkeypatch, capsys, *RANDOM_GENERATE, "--json")
+    assert code == 130, err
+    data = json.loads(out)
+    assert data["finish_reason"] == "interrupted"
+    assert data["generated_tokens"] == 4 and data["prompt_tokens"] == 5  # the first token, then three decode steps
+    assert data["peak_memory_bytes"] > 0 and data["cache_bytes"] > 0  # the stats were recorded
+
+
+def test_ctrl_c_in_bench_prints_the_finished_rows_and_writes_the_json(tmp_path):
+    import signal
+
+    path = tmp_path / "bench.json"
+    process = start_cli("bench", "--preset", "llama-tiny", "--device", "cpu", "--context", "16", "--gen", "200",
+                        "--reps", "2", "--cache", "fp16", "--cache", "kivi:bits=2", "--json", path)
+    seen = []
+    for line in process.stderr:  # the fp16 row is done; kivi runs as long again
+        seen.append(line.decode())
+        if "done: fp16" in seen[-1]:
+            break
+    process.send_signal(signal.SIGINT)
+    code, out, err = finish(process)
+    err = ANSI.sub("", "".join(seen) + err)
+    assert code == 130, err
+    assert "Traceback" not in err and "internal error" not in err, err
+    assert "interrupted: the table shows the 1 finished run(s)" in err
+    rows = [line for line in out.splitlines() if line.startswith("│ ")]
+    assert [row.split()[1] for row in rows] == ["fp16"], out
+    data = json.loads(path.read_text(encoding="utf-8"))
+    assert data["interrupted"] is True and data["failures"] == []
+    assert [result["method"] for result in data["results"]] == ["fp16"]
+    assert data["results"][0]["decode_tokens_per_s"] > 0

@@ -75,6 +75,14 @@ class BenchResult:
         return asdict(self)
 
 
+@dataclass
+class BenchRun:
+    """The results of a bench, in the order they finished; `interrupted` after a Ctrl-C ended it early."""
+
+    results: list[BenchResult]
+    interrupted: bool = False
+
+
 def weights_bytes(llm: LLM) -> int:
     return sum(p.nbytes for p in llm.model.parameters())
 
@@ -93,8 +101,10 @@ def bench(
     peaks: Peaks | None = None,
     report: Callable[[BenchResult], None] | None = None,
     failed: Callable[[CacheSpec, int, str], None] | None = None,
-) -> list[BenchResult]:
+) -> BenchRun:
     """Measures every (method, context) pair; `report` sees each result as soon as it is ready.
+
+    A Ctrl-C (KeyboardInterrupt) ends the run with the results finished so far, marked `interrupted`.
 
     With `peaks` (the device's measured rates, `roofline.measure_peaks`), each result also carries its decode floor.
     With `failed`, a pair that the user's choices make fail (a spec this model refuses, memory) is handed to it with
@@ -109,26 +119,29 @@ def bench(
             raise XQInferError(f"--context {context} plus --gen {gen} exceeds the model's {limit} positions "
                                "(--allow-extrapolation runs it anyway)")
     generator = torch.Generator().manual_seed(seed)
-    results = []
-    for context in contexts:
-        prompt = torch.randint(0, llm.config.vocab_size, (context,), generator=generator).tolist()
-        for spec in specs:
-            try:
-                result = _bench_one(llm, spec, prompt, gen, batch, reps, cuda_graph, allow_extrapolation)
-            except (XQInferError, torch.OutOfMemoryError, MemoryError) as exc:
-                if failed is None:
-                    raise
-                failed(spec, context, str(exc) or type(exc).__name__)
-                continue
-            if peaks is not None:
-                # Decode steps run over context .. context + gen - 1 cached tokens: the floor at the mean.
-                floor = decode_floor(llm.config, spec, context + gen // 2, batch, llm.dtype, peaks)
-                result.decode_floor_tokens_per_s = batch / floor.seconds
-                result.decode_floor_bound = floor.bound
-            results.append(result)
-            if report:
-                report(result)
-    return results
+    run = BenchRun([])
+    try:
+        for context in contexts:
+            prompt = torch.randint(0, llm.config.vocab_size, (context,), generator=generator).tolist()
+            for spec in specs:
+                try:
+                    result = _bench_one(llm, spec, prompt, gen, batch, reps, cuda_graph, allow_extrapolation)
+                except (XQInferError, torch.OutOfMemoryError, MemoryError) as exc:
+                    if failed is None:
+                        raise
+                    failed(spec, context, str(exc) or type(exc).__name__)
+                    continue
+                if peaks is not None:
+                    # Decode steps run over context .. context + gen - 1 cached tokens: the floor at the mean.
+                    floor = decode_floor(llm.config, spec, context + gen // 2, batch, llm.dtype, peaks)
+                    result.decode_floor_tokens_per_s = batch / floor.seconds
+                    result.decode_floor_bound = floor.bound
+                run.results.append(result)
+                if report:
+                    report(result)
+    except KeyboardInterrupt:
+        run.interrupted = True
+    return run
 
 
 def _bench_one(

@@ -120,16 +120,28 @@ def generate(
     ids = api.build_prompt(llm, text, chat=chat, system=system)
     session = api.one_shot_session(llm, cache, ids, max_tokens)
     chunks = session.stream(ids, max_tokens=max_tokens, sampling=sampling, stop=stop)
+    interrupted = False
+    try:
+        for chunk in chunks:
+            if not as_json:
+                sys.stdout.write(chunk)
+                sys.stdout.flush()
+    except KeyboardInterrupt:
+        # Closing the stream ends the engine's loop too, which records the stats of what was generated.
+        chunks.close()
+        interrupted = True
+    result = session.last  # None only after a Ctrl-C before the stream began
     if as_json:
-        for _ in chunks:
-            pass
-        print(json.dumps(session.last.as_dict()))
-        return
-    for chunk in chunks:
-        sys.stdout.write(chunk)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
-    err.print(f"[dim]{fit_line(stats_line(session.last), terminal_width(err))}[/dim]")
+        if result is not None:
+            print(json.dumps(result.as_dict()))
+    else:
+        sys.stdout.write("\n")
+        if interrupted:
+            err.print("[yellow]\\[interrupted][/yellow]")
+        if result is not None:
+            err.print(f"[dim]{fit_line(stats_line(result), terminal_width(err))}[/dim]")
+    if interrupted:
+        sys.exit(130)
 
 
 def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
@@ -286,16 +298,21 @@ def bench(
         failures.append({"method": str(spec), "context": context, "error": one_line(reason)})
         err.print(f"[yellow]  failed: {escape(str(spec))} at {context} tokens: {escape(one_line(reason))}[/yellow]")
 
-    results = run_bench(llm, context_values, specs, gen=gen, batch=batch, reps=reps,
-                        cuda_graph=not no_cuda_graph, allow_extrapolation=allow_extrapolation, peaks=peaks,
-                        report=lambda r: err.print(f"[dim]  done: {r.method} at {r.context} tokens[/dim]"),
-                        failed=failed)
+    run = run_bench(llm, context_values, specs, gen=gen, batch=batch, reps=reps,
+                    cuda_graph=not no_cuda_graph, allow_extrapolation=allow_extrapolation, peaks=peaks,
+                    report=lambda r: err.print(f"[dim]  done: {r.method} at {r.context} tokens[/dim]"),
+                    failed=failed)
+    results = run.results
+    if run.interrupted:
+        err.print(f"[yellow]interrupted: the table shows the {len(results)} finished run(s)[/yellow]")
     if results:
         width = table_width(wide)
         print_table(bench_table(results, env, width), width)
     if json_path is not None:
-        write_json(json_path, {**env, "peaks": peaks.as_dict() if peaks else None,
+        write_json(json_path, {**env, "peaks": peaks.as_dict() if peaks else None, "interrupted": run.interrupted,
                                "results": [r.as_dict() for r in results], "failures": failures})
+    if run.interrupted:
+        sys.exit(130)
     if failures:
         fail(f"{len(failures)} of {len(failures) + len(results)} runs failed: "
              + "; ".join(f"{f['method']} at {f['context']}: {f['error']}" for f in failures))
