@@ -12,12 +12,13 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 
 from .cache import CacheSpec
-from .config import ModelConfig
+from .config import ModelConfig, dtype_name
 from .device import pick_device, pick_dtype
 from .engine import Engine, GenerationStats
 from .errors import ConfigError
 from .formats import open_checkpoint
 from .loader import load_checkpoint, random_model
+from .memory import WEIGHTS_HINT, check_memory, weights_needs
 from .model import Transformer
 from .presets import preset_config
 from .sampling import SamplingParams, resolve_sampling
@@ -64,6 +65,8 @@ def load(
     if preset is not None:
         config = preset_config(preset)
         torch_dtype = pick_dtype(dtype, target)
+        check_memory(weights_needs(config, torch_dtype), target, f"{preset} in {dtype_name(torch_dtype)}",
+                     WEIGHTS_HINT)
         weights = random_model(config, torch_dtype, target, seed=seed)
         tokenizer = Tokenizer.byte_level(config.vocab_size)
         eos = config.eos_token_ids or tokenizer.eos_ids
@@ -71,6 +74,8 @@ def load(
     name = str(model) if model is not None else DEFAULT_MODEL_NAME
     checkpoint = open_checkpoint(model if model is not None else default_model())
     torch_dtype = pick_dtype(dtype, target)  # checked before the weights are read
+    check_memory(weights_needs(checkpoint.config, torch_dtype), target, f"{name} in {dtype_name(torch_dtype)}",
+                 WEIGHTS_HINT)
     tokenizer = checkpoint.tokenizer()
     weights = load_checkpoint(checkpoint, torch_dtype, target)
     sampling, eos = checkpoint.generation_defaults(tokenizer)

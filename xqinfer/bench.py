@@ -20,7 +20,7 @@ import torch
 from .api import LLM
 from .cache import CacheSpec, parse_spec
 from .cache.base import normalized_size
-from .device import peak_memory, reset_peak_memory, synchronize
+from .device import is_out_of_memory, peak_memory, reset_peak_memory, synchronize
 from .engine import UNKNOWN_TOKEN, Engine
 from .errors import XQInferError
 from .plan import bytes_per_token
@@ -126,8 +126,8 @@ def bench(
             for spec in specs:
                 try:
                     result = _bench_one(llm, spec, prompt, gen, batch, reps, cuda_graph, allow_extrapolation)
-                except (XQInferError, torch.OutOfMemoryError, MemoryError) as exc:
-                    if failed is None:
+                except Exception as exc:
+                    if failed is None or not (isinstance(exc, XQInferError) or is_out_of_memory(exc)):
                         raise
                     failed(spec, context, str(exc) or type(exc).__name__)
                     continue

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -10,14 +11,13 @@ import warnings
 from pathlib import Path
 from typing import NoReturn, Optional, Sequence
 
-import torch
 import typer
 from rich.console import Console
 from rich.markup import escape
 
 from . import api
 from .cache import CacheSpec, parse_spec
-from .device import pick_device
+from .device import is_out_of_memory, pick_device
 from .errors import XQInferError, XQInferWarning
 from .formatting import fit_line, stats_line, terminal_width
 from .sampling import SamplingParams
@@ -457,6 +457,15 @@ def show_warning(message, category, filename, lineno, file=None, line=None) -> N
 default_showwarning = warnings.showwarning
 
 
+def quiet_stdout() -> None:
+    """Points stdout at /dev/null: what it still buffers cannot be written, and Python would report that at exit."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and a non-zero exit, never a traceback."""
     warnings.showwarning = show_warning
@@ -477,14 +486,19 @@ def main() -> None:
         fail(exc.format_message(), exc.exit_code)
     except typer.Abort:
         fail("aborted")
-    except (torch.OutOfMemoryError, MemoryError):
-        fail("out of memory: try a shorter context, a compressed --cache, a smaller --dtype, or another device")
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(130)
-    except Exception as exc:  # a bug, not the user's fault: still one line, with the way to the traceback
+    except Exception as exc:
+        if is_out_of_memory(exc):
+            fail("out of memory: try a shorter context, a compressed --cache, a smaller --dtype, or another device")
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            quiet_stdout()
+            where = f" writing {exc.filename}" if exc.filename else ""
+            fail(f"no space left on the disk{where}: free some space, or write elsewhere")
         if os.environ.get("XQINFER_DEBUG"):
             raise
+        # A bug, not the user's fault: still one line, with the way to the traceback.
         fail(f"internal error: {type(exc).__name__}: {exc} (XQINFER_DEBUG=1 shows the traceback; please report it)")
     # standalone_mode=False returns the exit code of an Exit (--help, Ctrl-C inside typer) or the command's None.
     sys.exit(code if isinstance(code, int) else 0)

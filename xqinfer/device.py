@@ -70,13 +70,18 @@ def keep_freed_host_memory() -> None:
         libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
 
 
+def release_free_host_memory() -> None:
+    """Hands the heap's free memory (kept for reuse, `keep_freed_host_memory`) back to the system (glibc)."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
 def reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return
-    libc = _glibc()
-    if libc is not None:
-        libc.malloc_trim(0)  # free memory kept for reuse is not part of what the next measurement uses
+    release_free_host_memory()  # free memory kept for reuse is not part of what the next measurement uses
     # Writing 5 to clear_refs resets the kernel's peak-RSS counter (VmHWM); without it the peak is process-wide.
     try:
         with open("/proc/self/clear_refs", "w") as handle:
@@ -98,3 +103,62 @@ def peak_memory(device: torch.device) -> int:
         pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes this process could still allocate on `device`, or None where that cannot be read.
+
+    CUDA: the device's free memory plus what torch's allocator holds unused. CPU (Linux): MemAvailable, within the
+    cgroup's limit when one is set, after the heap's kept free memory is handed back (it would count as used).
+    """
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if device.type != "cpu":
+        return None
+    release_free_host_memory()
+    available = _meminfo_available()
+    limit = _cgroup_room()
+    if available is None or limit is None:
+        return available if limit is None else limit
+    return min(available, limit)
+
+
+def _meminfo_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+# (limit, usage) files of the cgroup a container sees at the root of its cgroup mount: v2, then v1.
+_CGROUP_FILES = (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                 ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"))
+
+
+def _cgroup_room() -> int | None:
+    """What the memory cgroup still allows, when it sets a limit below the machine's memory."""
+    for limit_file, usage_file in _CGROUP_FILES:
+        try:
+            with open(limit_file) as limit, open(usage_file) as usage:
+                limit_text, usage_text = limit.read().strip(), usage.read().strip()
+        except OSError:
+            continue
+        if not limit_text.isdigit() or int(limit_text) >= 1 << 60:  # "max", or v1's "no limit"
+            return None
+        return max(int(limit_text) - int(usage_text), 0)
+    return None
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether an exception is an allocation that failed: torch's on CUDA, Python's, or the CPU allocator's
+    (a RuntimeError on CPU)."""
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and "DefaultCPUAllocator" in text and (
+        "not enough memory" in text or "can't allocate memory" in text)

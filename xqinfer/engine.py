@@ -12,6 +12,7 @@ from torch import Tensor
 from .cache import Cache, CacheSpec, make_cache, parse_spec
 from .device import keep_freed_host_memory, peak_memory, reset_peak_memory
 from .errors import ContextError
+from .memory import CACHE_HINT, cache_needs, check_memory
 from .model import Transformer
 from .sampling import Sampler, SamplingParams
 
@@ -91,6 +92,9 @@ class Engine:
         self.max_positions = (capacity or trained) if allow_extrapolation else trained
         self.capacity = capacity or self.max_positions
         self.spec = parse_spec(cache) if isinstance(cache, str) else cache
+        sequences = f" x {batch_size} sequences" if batch_size > 1 else ""
+        check_memory(cache_needs([self.spec], config, self.capacity, batch_size, model.output_weight().dtype),
+                     self.device, f"a {self.spec.label()} cache of {self.capacity} tokens{sequences}", CACHE_HINT)
         self.cache: Cache = make_cache(self.spec, model, self.capacity, batch_size)
         self.batch_size = batch_size
         self.prefill_chunk = prefill_chunk

@@ -6,13 +6,15 @@ import io
 import math
 import textwrap
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from rich.console import Console
 from rich.table import Table
 
-from .api import GenerationResult
 from .cache import parse_spec
+
+if TYPE_CHECKING:
+    from .api import GenerationResult
 
 
 def human_bytes(count: float) -> str:

@@ -22,6 +22,7 @@ from .api import LLM
 from .cache import REGISTRY, CacheSpec, make_cache, parse_spec
 from .cache.base import normalized_size
 from .errors import XQInferError
+from .memory import CACHE_HINT, cache_needs, check_memory
 
 PROTOCOLS = ("sim", "stream")
 BASELINE = "fp16"
@@ -184,6 +185,8 @@ def perplexity(
     parsed = [parse_spec(s) if isinstance(s, str) else s for s in specs]
     parsed = [parse_spec(BASELINE)] + [s for s in parsed if str(s) != BASELINE]
     windows = make_windows(llm.tokenizer.encode(read_text(dataset), add_bos=True), ctx, limit)
+    check_memory(cache_needs(parsed, llm.config, ctx, 1, llm.dtype), llm.device,
+                 f"{len(parsed)} caches of {ctx} tokens", CACHE_HINT)
     caches = [make_cache(spec, llm.model, ctx) for spec in parsed]
     for cache in caches:
         cache.simulate = protocol == "sim"
