@@ -31,7 +31,7 @@ PROMPT = "Once upon a time"
 ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b\][^\x07]*\x07")
 STATS_LINE = re.compile(
     r"prompt (\d+) tok, ([\d.]+) tok/s \| generated (\d+) tok, ([\d.]+) tok/s \| "
-    r"peak memory ([\d.]+) (B|KiB|MiB|GiB|TiB) \| cache ([\d.]+) (B|KiB|MiB|GiB|TiB)"
+    r"peak memory ([\d.]+) (B|KiB|MiB|GiB|TiB) \| cache (.+?) ([\d.]+) (B|KiB|MiB|GiB|TiB)"
 )
 JSON_KEYS = {
     "text": str,
@@ -172,7 +172,8 @@ def test_generate_streams_text_then_a_stats_line(real_runs, single_thread):
     assert len(err_lines) == 1, err  # a real model with --no-chat: no warning, only the stats line, unwrapped
     match = STATS_LINE.search(err_lines[0])
     assert match, err
-    prompt_tokens, prefill_rate, generated, decode_rate, peak, peak_unit = match.groups()[:6]
+    prompt_tokens, prefill_rate, generated, decode_rate, peak, peak_unit, cache_name = match.groups()[:7]
+    assert cache_name == "kv fp32"  # the fp16 baseline, named for the dtype it stores in this fp32 run
     assert int(prompt_tokens) == expected.stats.prompt_tokens == 5
     assert int(generated) == expected.stats.generated_tokens == 20
     assert float(prefill_rate) > 0 and float(decode_rate) > 0
@@ -195,6 +196,7 @@ def test_generate_json_is_one_object_with_typed_stats(real_runs, single_thread):
     assert data["generated_tokens"] == expected.stats.generated_tokens == 20
     assert data["prefill_tokens_per_s"] > 0 and data["decode_tokens_per_s"] > 0
     assert data["peak_memory_bytes"] > 1 << 20
+    assert data["cache_method"] == "fp16" and data["cache_label"] == "kv fp32"
     # fp16 cache over prompt + max_tokens slots: 5 layers x K and V x 4 heads x 8 dims x 2 bytes per token, at least.
     assert data["cache_bytes"] >= (5 + 20) * 5 * 2 * 4 * 8 * 2
     assert STATS_LINE.search(err) is None  # --json replaces the stats line
@@ -630,7 +632,7 @@ def test_ctrl_c_in_bench_prints_the_finished_rows_and_writes_the_json(tmp_path):
     assert "Traceback" not in err and "internal error" not in err, err
     assert "interrupted: the table shows the 1 finished run(s)" in err
     rows = [line for line in out.splitlines() if line.startswith("│ ")]
-    assert [row.split()[1] for row in rows] == ["fp16"], out
+    assert [row.split("│")[1].strip() for row in rows] == ["kv fp32"], out
     data = json.loads(path.read_text(encoding="utf-8"))
     assert data["interrupted"] is True and data["failures"] == []
     assert [result["method"] for result in data["results"]] == ["fp16"]

@@ -36,7 +36,8 @@ def assert_fits(text: str, width: int) -> None:
 
 def bench_results() -> list[BenchResult]:
     # Distinct figures per row, so that each one can be looked for in full.
-    return [BenchResult(str(parse_spec(method)), 32768, 1, 128, 3, True, "torch",
+    return [BenchResult(str(parse_spec(method)), parse_spec(method).display_name(torch.bfloat16), 32768, 1, 128, 3,
+                        True, "torch",
                         prefill_tokens_per_s=12000.5 + i, decode_tokens_per_s=1000.25 + 10 * i,
                         decode_tokens_per_s_std=1.5 + i, time_to_first_token_s=2.5 + i,
                         peak_memory_bytes=(17 + i) << 30, weights_bytes=16 << 30, cache_bytes=(i + 1) << 28,
@@ -53,7 +54,7 @@ def test_bench_table_fits_and_keeps_its_key_numbers_whole(width):
     text = rendered(bench_table(results, ENV, width), width)
     assert_fits(text, width)
     for r in results:
-        assert parse_spec(r.method).label() in text
+        assert r.label in text
         assert f"{r.decode_tokens_per_s:.2f} ± {r.decode_tokens_per_s_std:.2f}" in text
         assert f"{r.prefill_tokens_per_s:.1f}" in text
     assert "32768" in text and "batch 1" in text and "CUDA graphs" in text  # what every row shares: the title
@@ -80,11 +81,11 @@ def plan_rows():
 @pytest.mark.parametrize("width", WIDTHS)
 def test_plan_table_fits_and_keeps_its_key_numbers_whole(width):
     rows = plan_rows()
-    text = rendered(plan_table(rows, "llama-3.1-8b", 80 * 10**9, 131072, 1, width), width)
+    text = rendered(plan_table(rows, "llama-3.1-8b", 80 * 10**9, 131072, 1, "bf16", width), width)
     assert_fits(text, width)
     assert "fits" in text and "max ctx b=1" in text and "max batch" in text
     for row in rows:
-        assert parse_spec(row.method).label() in text
+        assert row.label in text
         assert str(row.max_batch_at_context) in text
     if width >= 120:
         assert "normalized" in text and "B/token" in text
@@ -94,7 +95,8 @@ def test_plan_table_fits_and_keeps_its_key_numbers_whole(width):
 
 def perplexity_report() -> PerplexityReport:
     specs = ["fp16", "kivi:bits=2,group=128,prerope=1", "xquant-cl:bits=2", "xquant:bits=4"]
-    scores = [MethodScore(parse_spec(spec), 1 / (i + 1), str(4 - i), nll_sum=1.7 * 1000 + i, nll_squares=3100.0 + i,
+    scores = [MethodScore(parse_spec(spec), 1 / (i + 1), str(4 - i), parse_spec(spec).display_name(torch.float32),
+                          nll_sum=1.7 * 1000 + i, nll_squares=3100.0 + i,
                           kld_sum=float(i), tokens=1000, windows=2, seconds=12.5 + i)
               for i, spec in enumerate(specs)]
     return PerplexityReport("wikitext2-test.txt", "llama-3.1-8b", "stream", 512, 8, 2, scores, with_kld=True)
@@ -106,7 +108,7 @@ def test_perplexity_table_fits_and_keeps_its_key_numbers_whole(width):
     text = rendered(perplexity_table(report, width), width)
     assert_fits(text, width)
     for row in report.rows():
-        assert parse_spec(row["spec"]).label() in text
+        assert row["label"] in text
         assert f"{row['ppl']:.4f} ± {row['ppl_stderr']:.4f}" in text and f"{row['delta_ppl']:+.4f}" in text
     if width >= 120:
         for row in report.rows():
@@ -129,7 +131,7 @@ def test_figures_with_nothing_to_average_show_a_dash():
     text = rendered(perplexity_table(report, 120), 120)
     assert "nan" not in text.lower() and "inf" not in text.lower()
     header = row_cells(text, "method")
-    for spec in ("fp16", "xquant-cl"):
+    for spec in ("kv fp32", "xquant-cl"):
         cells = dict(zip(header, row_cells(text, spec)))
         assert cells["PPL"] == cells["ΔPPL"] == cells["KLD"] == "-" and cells["tokens"] == "0"
 
@@ -144,7 +146,7 @@ def row_cells(text: str, first: str) -> list[str]:
 
 
 def test_a_width_too_small_for_the_key_columns_wraps_rather_than_cuts():
-    for table in (bench_table(bench_results(), ENV, 40), plan_table(plan_rows(), "m", 10**9, 4096, 1, 40)):
+    for table in (bench_table(bench_results(), ENV, 40), plan_table(plan_rows(), "m", 10**9, 4096, 1, "bf16", 40)):
         assert_fits(rendered(table, 40), 40)
 
 
@@ -192,3 +194,16 @@ def test_a_stats_line_breaks_at_its_separators_only(width):
 
 def test_a_stats_line_is_left_whole_without_a_width():
     assert fit_line(STATS, None) == STATS
+
+
+@pytest.mark.parametrize("dtype,name", [(torch.float32, "kv fp32"), (torch.bfloat16, "kv bf16"),
+                                        (torch.float16, "kv fp16")])
+def test_the_baseline_is_named_for_the_dtype_it_stores(dtype, name):
+    """`fp16` (still the spec's name) stores the run dtype; its normalized size stays against a 16-bit cache."""
+    config = preset_config("llama-3.1-8b")
+    assert parse_spec("fp16").display_name(dtype) == name
+    assert parse_spec("kivi:bits=2,group=128").display_name(dtype) == "kivi:group=128"  # the others: their label
+    (row,) = plan(config, ["fp16"], memory=80 * 10**9, context=4096, dtype=dtype)
+    assert row.label == name and row.normalized_size == torch.finfo(dtype).bits / 16
+    text = rendered(plan_table([row], "llama-3.1-8b", 80 * 10**9, 4096, 1, "x", 80), 80)
+    assert name in text and "fp16" not in text.replace("kv fp16", "")

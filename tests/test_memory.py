@@ -143,7 +143,7 @@ def test_a_bench_row_beyond_the_free_memory_fails_alone(monkeypatch, capsys, tmp
     data = json.loads(path.read_text(encoding="utf-8"))
     assert [(r["method"], r["context"]) for r in data["results"]] == [("fp16", 64)]
     assert [f["context"] for f in data["failures"]] == [2048]
-    assert data["failures"][0]["error"].startswith("not enough memory: a fp16 cache of 2050 tokens needs at least")
+    assert data["failures"][0]["error"].startswith("not enough memory: a kv fp32 cache of 2050 tokens needs at least")
 
 
 def test_out_of_memory_from_the_allocators_is_one_line(monkeypatch, capsys):

@@ -45,6 +45,7 @@ def parse_context(text: str) -> int:
 @dataclass
 class BenchResult:
     method: str
+    label: str  # what tables call it (CacheSpec.display_name): the baseline is named for the dtype it stores
     context: int
     batch: int
     gen: int
@@ -166,6 +167,7 @@ def _bench_one(
     peak = max(peaks)
     return BenchResult(
         method=str(engine.cache.spec),
+        label=engine.cache.spec.display_name(llm.dtype),
         context=len(prompt),
         batch=batch,
         gen=gen,

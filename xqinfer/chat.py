@@ -48,7 +48,8 @@ class ChatREPL:
     def run(self) -> None:
         if not self.llm.tokenizer.has_chat_template:
             self.err.print("[yellow]the model has no chat template: using a plain transcript[/yellow]")
-        self.err.print(f"[dim]chatting with {escape(self.llm.name)} ({escape(str(self.session.engine.spec))} cache, "
+        cache = self.session.engine.spec.display_name(self.llm.dtype)
+        self.err.print(f"[dim]chatting with {escape(self.llm.name)} ({escape(cache)} cache, "
                        f"{self.session.engine.capacity} tokens). /help for commands, Ctrl-D to leave.[/dim]")
         while True:
             try:

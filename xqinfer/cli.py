@@ -362,7 +362,7 @@ def plan(
     rows = make_plan(config, specs, memory=budget, context=tokens, batch=batch,
                      dtype=torch_dtype(dtype), peaks=peaks)
     width = table_width(wide)
-    print_table(plan_table(rows, name, budget, tokens, batch, width), width)
+    print_table(plan_table(rows, name, budget, tokens, batch, dtype, width), width)
     if json_path is not None:
         write_json(json_path, {"model": name, "memory_bytes": budget, "context": tokens, "batch": batch,
                                "dtype": dtype, "peaks": peaks.as_dict() if peaks else None,

@@ -34,6 +34,8 @@ class GenerationStats:
     cache_layer_bytes: list[int] = field(default_factory=list)
     cache_layer_normalized_sizes: list[float] = field(default_factory=list)
     reused_tokens: int = 0
+    cache_method: str = ""  # the full spec
+    cache_label: str = ""  # what the stats line calls it (CacheSpec.display_name): `kv fp32` for fp16 in fp32
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -50,6 +52,8 @@ class GenerationStats:
             "prefill_tokens_per_s": self.prefill_tokens_per_s,
             "decode_tokens_per_s": self.decode_tokens_per_s,
             "peak_memory_bytes": self.peak_memory_bytes,
+            "cache_method": self.cache_method,
+            "cache_label": self.cache_label,
             "cache_bytes": self.cache_bytes,
             "cache_normalized_size": self.cache_normalized_size,
             "cache_layer_bytes": self.cache_layer_bytes,
@@ -93,8 +97,9 @@ class Engine:
         self.capacity = capacity or self.max_positions
         self.spec = parse_spec(cache) if isinstance(cache, str) else cache
         sequences = f" x {batch_size} sequences" if batch_size > 1 else ""
-        check_memory(cache_needs([self.spec], config, self.capacity, batch_size, model.output_weight().dtype),
-                     self.device, f"a {self.spec.label()} cache of {self.capacity} tokens{sequences}", CACHE_HINT)
+        dtype = model.output_weight().dtype
+        check_memory(cache_needs([self.spec], config, self.capacity, batch_size, dtype), self.device,
+                     f"a {self.spec.display_name(dtype)} cache of {self.capacity} tokens{sequences}", CACHE_HINT)
         self.cache: Cache = make_cache(self.spec, model, self.capacity, batch_size)
         self.batch_size = batch_size
         self.prefill_chunk = prefill_chunk
@@ -231,6 +236,8 @@ class Engine:
 
     def _record_memory(self, stats: GenerationStats) -> None:
         stats.peak_memory_bytes = max(stats.peak_memory_bytes, peak_memory(self.device))
+        stats.cache_method = str(self.cache.spec)
+        stats.cache_label = self.cache.spec.display_name(self.cache.dtype)
         stats.cache_bytes = self.cache.nbytes()
         stats.cache_normalized_size = self.cache.normalized_size()
         stats.cache_layer_bytes = self.cache.layer_nbytes()

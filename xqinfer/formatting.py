@@ -11,8 +11,6 @@ from typing import TYPE_CHECKING, Sequence
 from rich.console import Console
 from rich.table import Table
 
-from .cache import parse_spec
-
 if TYPE_CHECKING:
     from .api import GenerationResult
 
@@ -31,18 +29,13 @@ def stats_line(result: GenerationResult) -> str:
         f"prompt {s.prompt_tokens} tok, {s.prefill_tokens_per_s:.1f} tok/s | "
         f"generated {s.generated_tokens} tok, {s.decode_tokens_per_s:.1f} tok/s | "
         f"peak memory {human_bytes(s.peak_memory_bytes)} | "
-        f"cache {human_bytes(s.cache_bytes)} (normalized {s.cache_normalized_size:.4f})"
+        f"cache {s.cache_label} {human_bytes(s.cache_bytes)} (normalized {s.cache_normalized_size:.4f})"
     )
 
 
 def figure(value: float | None, format_spec: str) -> str:
     """A number as `format_spec` writes it, or `-` where there is none to show (nothing measured or averaged)."""
     return "-" if value is None or not math.isfinite(value) else format(value, format_spec)
-
-
-def label(spec: str) -> str:
-    """A table's name for a method: its spec without the options left at their defaults (the JSON keeps them all)."""
-    return parse_spec(spec).label()
 
 
 @dataclass(frozen=True)
@@ -121,7 +114,7 @@ def perplexity_table(report, width: int | None = None) -> Table:
     for row in report.rows():
         spread = figure(row["ppl_stderr"], ".4f")
         ppl = figure(row["ppl"], ".4f") + (f" ± {spread}" if spread != "-" else "")
-        cells = [label(row["spec"]), row["bits"], f"{row['normalized_size']:.4f}", f"{row['compression']:.2f}x",
+        cells = [row["label"], row["bits"], f"{row['normalized_size']:.4f}", f"{row['compression']:.2f}x",
                  ppl, figure(row["delta_ppl"], "+.4f")]
         cells += [figure(row["kld"], ".5f")] if report.with_kld else []
         cells += [str(row["tokens"]), f"{row['seconds']:.1f}"]
@@ -149,7 +142,7 @@ def bench_table(results, env: dict, width: int | None = None) -> Table:
     columns += [Column("kernels", 2)] if paths else []
     rows = []
     for r in results:
-        cells = [label(r.method), str(r.context), f"{r.prefill_tokens_per_s:.1f}",
+        cells = [r.label, str(r.context), f"{r.prefill_tokens_per_s:.1f}",
                  "-" if r.decode_tokens_per_s is None
                  else f"{r.decode_tokens_per_s:.2f} ± {r.decode_tokens_per_s_std:.2f}",
                  f"{r.time_to_first_token_s:.3f}"]
@@ -164,8 +157,9 @@ def bench_table(results, env: dict, width: int | None = None) -> Table:
     return fitted_table(title, columns, rows, width)
 
 
-def plan_table(rows, model: str, memory: int, context: int, batch: int, width: int | None = None) -> Table:
-    title = f"{model} | budget {human_bytes(memory)} | context {context} | batch {batch}"
+def plan_table(rows, model: str, memory: int, context: int, batch: int, dtype: str,
+               width: int | None = None) -> Table:
+    title = f"{model} | {dtype} | budget {human_bytes(memory)} | context {context} | batch {batch}"
     floors = any(r.decode_floor_tokens_per_s is not None for r in rows)
     columns = [Column("method", 0, "left"), Column("normalized", 2), Column("equiv. bits", 3), Column("B/token", 2),
                Column("cache @ ctx"), Column("weights", 3), Column("workspace", 4), Column("fits"),
@@ -174,7 +168,7 @@ def plan_table(rows, model: str, memory: int, context: int, batch: int, width: i
     cells = []
     for r in rows:
         bits = "-" if r.equivalent_bits is None else f"{r.equivalent_bits:g}"
-        row = [label(r.method), f"{r.normalized_size:.4f}", bits, f"{r.bytes_per_token:.0f}",
+        row = [r.label, f"{r.normalized_size:.4f}", bits, f"{r.bytes_per_token:.0f}",
                human_bytes(r.cache_bytes_at_context), human_bytes(r.weights_bytes),
                human_bytes(r.workspace_bytes), "yes" if r.fits_at_context else "no",
                str(r.max_context_batch_1), str(r.max_batch_at_context)]

@@ -67,6 +67,7 @@ class MethodScore:
     spec: CacheSpec
     normalized_size: float
     bits: str
+    label: str  # what tables call it (CacheSpec.display_name)
     nll_sum: float = 0.0
     nll_squares: float = 0.0
     kld_sum: float = 0.0
@@ -118,6 +119,7 @@ class PerplexityReport:
         for score in self.scores:
             row = {
                 "spec": str(score.spec),
+                "label": score.label,
                 "bits": score.bits,
                 "normalized_size": score.normalized_size,
                 "compression": 1.0 / score.normalized_size if score.normalized_size else float("inf"),
@@ -192,7 +194,7 @@ def perplexity(
         cache.simulate = protocol == "sim"
     # The caches' specs have the model-dependent options (AsymKV's lk, XQuant-KV's kq...) filled in.
     scores = [MethodScore(cache.spec, normalized_size(cache.spec, llm.config, llm.dtype),
-                          bits_label(cache.spec, llm.config)) for cache in caches]
+                          bits_label(cache.spec, llm.config), cache.spec.display_name(llm.dtype)) for cache in caches]
     report = PerplexityReport(str(dataset), llm.name, protocol, ctx, chunk, len(windows), scores, kld)
     total, done = len(windows) * len(parsed), 0
     try:
