@@ -30,8 +30,9 @@ STORIES = SHARED / "models" / "stories260K"
 PROMPT = "Once upon a time"
 ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b\][^\x07]*\x07")
 STATS_LINE = re.compile(
-    r"prompt (\d+) tok, ([\d.]+) tok/s \| generated (\d+) tok, ([\d.]+) tok/s \| "
-    r"peak memory ([\d.]+) (B|KiB|MiB|GiB|TiB) \| cache (.+?) ([\d.]+) (B|KiB|MiB|GiB|TiB)"
+    r"prompt (\d+) tok, ([\d.]+|-) tok/s \| generated (\d+) tok, ([\d.]+|-) tok/s \| "
+    r"peak memory \+([\d.]+ (?:B|KiB|MiB|GiB|TiB)) \(process ([\d.]+ (?:B|KiB|MiB|GiB|TiB))\) \| "
+    r"cache (.+?) ([\d.]+) (B|KiB|MiB|GiB|TiB)"
 )
 JSON_KEYS = {
     "text": str,
@@ -40,8 +41,16 @@ JSON_KEYS = {
     "prefill_tokens_per_s": float,
     "decode_tokens_per_s": float,
     "peak_memory_bytes": int,
+    "peak_memory_increase_bytes": int,
     "cache_bytes": int,
 }
+UNITS = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
+
+
+def size(text: str) -> float:
+    """`325.12 MiB` -> bytes."""
+    number, unit = text.split()
+    return float(number) * UNITS[unit]
 
 
 def need_stories() -> Path:
@@ -172,12 +181,14 @@ def test_generate_streams_text_then_a_stats_line(real_runs, single_thread):
     assert len(err_lines) == 1, err  # a real model with --no-chat: no warning, only the stats line, unwrapped
     match = STATS_LINE.search(err_lines[0])
     assert match, err
-    prompt_tokens, prefill_rate, generated, decode_rate, peak, peak_unit, cache_name = match.groups()[:7]
+    prompt_tokens, prefill_rate, generated, decode_rate, increase, total, cache_name = match.groups()[:7]
     assert cache_name == "kv fp32"  # the fp16 baseline, named for the dtype it stores in this fp32 run
     assert int(prompt_tokens) == expected.stats.prompt_tokens == 5
     assert int(generated) == expected.stats.generated_tokens == 20
     assert float(prefill_rate) > 0 and float(decode_rate) > 0
-    assert float(peak) > 0 and peak_unit in ("MiB", "GiB")  # the process's peak RSS: at least torch's own
+    # The run's increase over the process before loading (at least the 1 MiB of fp32 weights), then the process's
+    # peak resident size, which holds the torch runtime too.
+    assert 2**20 <= size(increase) < size(total) and size(total) > 50 * 2**20
 
 
 def test_generate_json_is_one_object_with_typed_stats(real_runs, single_thread):
@@ -196,6 +207,7 @@ def test_generate_json_is_one_object_with_typed_stats(real_runs, single_thread):
     assert data["generated_tokens"] == expected.stats.generated_tokens == 20
     assert data["prefill_tokens_per_s"] > 0 and data["decode_tokens_per_s"] > 0
     assert data["peak_memory_bytes"] > 1 << 20
+    assert 2**20 <= data["peak_memory_increase_bytes"] < data["peak_memory_bytes"]
     assert data["cache_method"] == "fp16" and data["cache_label"] == "kv fp32"
     # fp16 cache over prompt + max_tokens slots: 5 layers x K and V x 4 heads x 8 dims x 2 bytes per token, at least.
     assert data["cache_bytes"] >= (5 + 20) * 5 * 2 * 4 * 8 * 2

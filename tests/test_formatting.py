@@ -3,7 +3,9 @@ shown in full (never `…`), every line within the width; `--wide` and `--json` 
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import re
 import sys
 
 import pytest
@@ -11,10 +13,11 @@ import torch
 from rich.cells import cell_len
 from rich.console import Console
 
+import xqinfer
 from xqinfer import cli
 from xqinfer.bench import DEFAULT_METHODS, BenchResult
 from xqinfer.cache import parse_spec
-from xqinfer.formatting import bench_table, fit_line, perplexity_table, plan_table
+from xqinfer.formatting import bench_table, fit_line, perplexity_table, plan_table, stats_line
 from xqinfer.plan import plan
 from xqinfer.ppl import MethodScore, PerplexityReport
 from xqinfer.presets import preset_config
@@ -40,8 +43,9 @@ def bench_results() -> list[BenchResult]:
                         True, "torch",
                         prefill_tokens_per_s=12000.5 + i, decode_tokens_per_s=1000.25 + 10 * i,
                         decode_tokens_per_s_std=1.5 + i, time_to_first_token_s=2.5 + i,
-                        peak_memory_bytes=(17 + i) << 30, weights_bytes=16 << 30, cache_bytes=(i + 1) << 28,
-                        workspace_bytes=300 << 20, cache_bytes_per_token=131072 - i, normalized_size=1 / (i + 1))
+                        peak_memory_bytes=(17 + i) << 30, peak_memory_increase_bytes=None, weights_bytes=16 << 30,
+                        cache_bytes=(i + 1) << 28, workspace_bytes=300 << 20, cache_bytes_per_token=131072 - i,
+                        normalized_size=1 / (i + 1))
             for i, method in enumerate(DEFAULT_METHODS)]
 
 
@@ -207,3 +211,25 @@ def test_the_baseline_is_named_for_the_dtype_it_stores(dtype, name):
     assert row.label == name and row.normalized_size == torch.finfo(dtype).bits / 16
     text = rendered(plan_table([row], "llama-3.1-8b", 80 * 10**9, 4096, 1, "x", 80), 80)
     assert name in text and "fp16" not in text.replace("kv fp16", "")
+
+
+def test_one_repetition_shows_no_spread_and_the_cpu_peak_is_the_runs_increase():
+    results = [dataclasses.replace(r, reps=1, decode_tokens_per_s_std=None, peak_memory_increase_bytes=(i + 1) << 20,
+                                   peak_memory_bytes=((i + 1) << 20) + (400 << 20))
+               for i, r in enumerate(bench_results())]
+    text = rendered(bench_table(results, {**ENV, "device": "cpu: x86_64"}, None), None)
+    assert "±" not in text and f"{results[0].decode_tokens_per_s:.2f}" in text
+    header = row_cells(text, "method")
+    cells = dict(zip(header, row_cells(text, results[1].label)))
+    assert cells["peak"] == "+2.00 MiB" and cells["process"] == "402.00 MiB"
+
+
+def test_rates_that_cannot_be_measured_show_a_dash():
+    """One token: nothing decoded after it, so no decode rate (not `0.0 tok/s`); the JSON says null."""
+    llm = xqinfer.load(preset="llama-tiny", device="cpu")
+    result = xqinfer.generate(llm, "hi", max_tokens=1, sampling={"temperature": 0}, chat=False)
+    assert result.stats.decode_tokens_per_s is None and result.as_dict()["decode_tokens_per_s"] is None
+    line = stats_line(result)
+    assert "generated 1 tok, - tok/s" in line and "0.0 tok/s" not in line
+    assert re.search(r"prompt 3 tok, [\d.]+ tok/s", line)
+    assert re.search(r"peak memory \+[\d.]+ [KMG]?i?B \(process [\d.]+ [KMG]iB\)", line)  # the CPU's two figures

@@ -13,7 +13,7 @@ import torch
 
 from .cache import CacheSpec
 from .config import ModelConfig, dtype_name
-from .device import pick_device, pick_dtype
+from .device import pick_device, pick_dtype, resident_memory
 from .engine import Engine, GenerationStats
 from .errors import ConfigError
 from .formats import open_checkpoint
@@ -37,6 +37,9 @@ class LLM:
     eos_ids: tuple[int, ...]
     path: Path | None = None
     random_weights: bool = False
+    # CPU: the process's resident size before the model was loaded, so that a peak can say what the model and its
+    # run added to the torch runtime; None on CUDA (see device.resident_memory).
+    memory_before_load: int | None = None
 
     @property
     def device(self) -> torch.device:
@@ -62,6 +65,7 @@ def load(
     target = pick_device(device)
     if model is not None and preset is not None:
         raise ConfigError("give a model or a preset, not both")
+    before = resident_memory(target)
     if preset is not None:
         config = preset_config(preset)
         torch_dtype = pick_dtype(dtype, target)
@@ -70,7 +74,8 @@ def load(
         weights = random_model(config, torch_dtype, target, seed=seed)
         tokenizer = Tokenizer.byte_level(config.vocab_size)
         eos = config.eos_token_ids or tokenizer.eos_ids
-        return LLM(preset, config, weights, tokenizer, SamplingParams(), eos, random_weights=True)
+        return LLM(preset, config, weights, tokenizer, SamplingParams(), eos, random_weights=True,
+                   memory_before_load=before)
     name = str(model) if model is not None else DEFAULT_MODEL_NAME
     checkpoint = open_checkpoint(model if model is not None else default_model())
     torch_dtype = pick_dtype(dtype, target)  # checked before the weights are read
@@ -79,7 +84,8 @@ def load(
     tokenizer = checkpoint.tokenizer()
     weights = load_checkpoint(checkpoint, torch_dtype, target)
     sampling, eos = checkpoint.generation_defaults(tokenizer)
-    return LLM(name, checkpoint.config, weights, tokenizer, sampling, eos, path=checkpoint.path)
+    return LLM(name, checkpoint.config, weights, tokenizer, sampling, eos, path=checkpoint.path,
+               memory_before_load=before)
 
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -150,7 +156,7 @@ class Session:
         defaults); `stop` is one stop string or several.
         """
         params = resolve_sampling(self.llm.sampling, sampling)
-        stats = GenerationStats()
+        stats = GenerationStats(memory_before_load_bytes=self.llm.memory_before_load)
         detokenizer = self.llm.tokenizer.detokenizer()
         stops = StopMatcher(stop)
         tokens: list[int] = []

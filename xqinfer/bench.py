@@ -54,9 +54,10 @@ class BenchResult:
     decode_path: str  # "triton" where fused kernels ran in every layer, "torch" otherwise ("mixed" if some)
     prefill_tokens_per_s: float
     decode_tokens_per_s: float | None  # None with --gen 1: nothing is decoded after the first token
-    decode_tokens_per_s_std: float
+    decode_tokens_per_s_std: float | None  # None with one repetition: no spread to measure
     time_to_first_token_s: float
-    peak_memory_bytes: int
+    peak_memory_bytes: int  # CUDA: the allocator's peak; CPU: the process's peak resident size
+    peak_memory_increase_bytes: int | None  # CPU: the peak over the resident size before loading; None on CUDA
     weights_bytes: int
     cache_bytes: int
     workspace_bytes: int
@@ -165,6 +166,8 @@ def _bench_one(
             decode.append((gen - 1) * batch / decode_s)
     weights, cache_bytes = weights_bytes(llm), engine.cache.nbytes()
     peak = max(peaks)
+    before = llm.memory_before_load
+    increase = None if before is None else max(peak - before, 0)
     return BenchResult(
         method=str(engine.cache.spec),
         label=engine.cache.spec.display_name(llm.dtype),
@@ -176,12 +179,13 @@ def _bench_one(
         decode_path=engine.cache.decode_path(),
         prefill_tokens_per_s=statistics.mean(prefill),
         decode_tokens_per_s=statistics.mean(decode) if decode else None,
-        decode_tokens_per_s_std=statistics.stdev(decode) if len(decode) > 1 else 0.0,
+        decode_tokens_per_s_std=statistics.stdev(decode) if len(decode) > 1 else None,
         time_to_first_token_s=statistics.mean(first_token),
         peak_memory_bytes=peak,
+        peak_memory_increase_bytes=increase,
         weights_bytes=weights,
         cache_bytes=cache_bytes,
-        workspace_bytes=max(peak - weights - cache_bytes, 0),
+        workspace_bytes=max((peak if increase is None else increase) - weights - cache_bytes, 0),
         cache_bytes_per_token=bytes_per_token(spec, llm.config, llm.dtype),
         normalized_size=normalized_size(spec, llm.config, llm.dtype),
     )

@@ -90,6 +90,21 @@ def reset_peak_memory(device: torch.device) -> None:
         pass
 
 
+def resident_memory(device: torch.device) -> int | None:
+    """CPU: the process's resident size now (what a peak's increase is measured from); None on CUDA, whose
+    allocator counts the process's tensors and nothing else, and where it cannot be read."""
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def peak_memory(device: torch.device) -> int:
     """Bytes: the allocator's peak on CUDA, the process's peak resident set on CPU."""
     if device.type == "cuda":

@@ -34,16 +34,27 @@ class GenerationStats:
     cache_layer_bytes: list[int] = field(default_factory=list)
     cache_layer_normalized_sizes: list[float] = field(default_factory=list)
     reused_tokens: int = 0
+    memory_before_load_bytes: int | None = None  # CPU: the process's resident size before the model was loaded
     cache_method: str = ""  # the full spec
     cache_label: str = ""  # what the stats line calls it (CacheSpec.display_name): `kv fp32` for fp16 in fp32
 
     @property
-    def prefill_tokens_per_s(self) -> float:
-        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
+    def prefill_tokens_per_s(self) -> float | None:
+        """None when nothing was timed (a Ctrl-C during the prefill)."""
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds > 0 else None
 
     @property
-    def decode_tokens_per_s(self) -> float:
-        return self.decode_steps / self.decode_seconds if self.decode_seconds > 0 else 0.0
+    def decode_tokens_per_s(self) -> float | None:
+        """Decode steps after the first token per second; None without any (a single token)."""
+        return self.decode_steps / self.decode_seconds if self.decode_steps and self.decode_seconds > 0 else None
+
+    @property
+    def peak_memory_increase_bytes(self) -> int | None:
+        """CPU: the peak over the resident size before the model was loaded (the model and its run, without the
+        torch runtime); None where that size is not known (CUDA's peak already counts only tensors)."""
+        if self.memory_before_load_bytes is None:
+            return None
+        return max(self.peak_memory_bytes - self.memory_before_load_bytes, 0)
 
     def as_dict(self) -> dict:
         return {
@@ -52,6 +63,7 @@ class GenerationStats:
             "prefill_tokens_per_s": self.prefill_tokens_per_s,
             "decode_tokens_per_s": self.decode_tokens_per_s,
             "peak_memory_bytes": self.peak_memory_bytes,
+            "peak_memory_increase_bytes": self.peak_memory_increase_bytes,
             "cache_method": self.cache_method,
             "cache_label": self.cache_label,
             "cache_bytes": self.cache_bytes,

@@ -26,11 +26,22 @@ def human_bytes(count: float) -> str:
 def stats_line(result: GenerationResult) -> str:
     s = result.stats
     return (
-        f"prompt {s.prompt_tokens} tok, {s.prefill_tokens_per_s:.1f} tok/s | "
-        f"generated {s.generated_tokens} tok, {s.decode_tokens_per_s:.1f} tok/s | "
-        f"peak memory {human_bytes(s.peak_memory_bytes)} | "
+        f"prompt {s.prompt_tokens} tok, {rate(s.prefill_tokens_per_s)} | "
+        f"generated {s.generated_tokens} tok, {rate(s.decode_tokens_per_s)} | "
+        f"peak memory {peak(s.peak_memory_bytes, s.peak_memory_increase_bytes)} | "
         f"cache {s.cache_label} {human_bytes(s.cache_bytes)} (normalized {s.cache_normalized_size:.4f})"
     )
+
+
+def rate(tokens_per_s: float | None) -> str:
+    return "- tok/s" if tokens_per_s is None else f"{tokens_per_s:.1f} tok/s"
+
+
+def peak(total: int, increase: int | None) -> str:
+    """A peak as what the run added over the process before loading (CPU), with the process's total beside it."""
+    if increase is None:
+        return human_bytes(total)
+    return f"+{human_bytes(increase)} (process {human_bytes(total)})"
 
 
 def figure(value: float | None, format_spec: str) -> str:
@@ -134,24 +145,31 @@ def bench_table(results, env: dict, width: int | None = None) -> Table:
              f"reps {first.reps}" + (" | CUDA graphs" if first.cuda_graph else ""))
     floors = any(r.decode_floor_tokens_per_s is not None for r in results)
     paths = any(r.decode_path != "torch" for r in results)
+    # On the CPU the peak is what the run added to the process (torch's runtime aside); its total is beside it.
+    process = any(r.peak_memory_increase_bytes is not None for r in results)
     columns = [Column("method", 0, "left"), Column("ctx"), Column("prefill t/s", 1), Column("decode t/s"),
                Column("TTFT s", 3)]
     columns += [Column("floor t/s", 1), Column("of floor", 1)] if floors else []
-    columns += [Column("peak", 2), Column("weights", 4), Column("cache", 1), Column("workspace", 4),
-                Column("B/token", 5), Column("normalized", 3)]
+    columns += [Column("peak", 2)] + ([Column("process", 5)] if process else [])
+    columns += [Column("weights", 4), Column("cache", 1), Column("workspace", 4), Column("B/token", 5),
+                Column("normalized", 3)]
     columns += [Column("kernels", 2)] if paths else []
     rows = []
     for r in results:
+        spread = "" if r.decode_tokens_per_s_std is None else f" ± {r.decode_tokens_per_s_std:.2f}"
         cells = [r.label, str(r.context), f"{r.prefill_tokens_per_s:.1f}",
-                 "-" if r.decode_tokens_per_s is None
-                 else f"{r.decode_tokens_per_s:.2f} ± {r.decode_tokens_per_s_std:.2f}",
+                 figure(r.decode_tokens_per_s, ".2f") + (spread if r.decode_tokens_per_s is not None else ""),
                  f"{r.time_to_first_token_s:.3f}"]
         if floors:
             fraction = r.fraction_of_floor
             cells += [f"{r.decode_floor_tokens_per_s:.1f} ({r.decode_floor_bound})",
                       "-" if fraction is None else f"{100 * fraction:.0f}%"]
-        cells += [human_bytes(r.peak_memory_bytes), human_bytes(r.weights_bytes), human_bytes(r.cache_bytes),
-                  human_bytes(r.workspace_bytes), f"{r.cache_bytes_per_token:.0f}", f"{r.normalized_size:.4f}"]
+        if r.peak_memory_increase_bytes is None:
+            cells += [human_bytes(r.peak_memory_bytes)] + (["-"] if process else [])
+        else:
+            cells += [f"+{human_bytes(r.peak_memory_increase_bytes)}", human_bytes(r.peak_memory_bytes)]
+        cells += [human_bytes(r.weights_bytes), human_bytes(r.cache_bytes), human_bytes(r.workspace_bytes),
+                  f"{r.cache_bytes_per_token:.0f}", f"{r.normalized_size:.4f}"]
         cells += [r.decode_path] if paths else []
         rows.append(cells)
     return fitted_table(title, columns, rows, width)
