@@ -17,7 +17,7 @@ from rich.markup import escape
 
 from . import api
 from .cache import CacheSpec, parse_spec
-from .device import is_out_of_memory, pick_device
+from .device import is_out_of_memory, pick_device, set_default_threads, set_threads
 from .errors import XQInferError, XQInferWarning
 from .formatting import fit_line, stats_line, terminal_width
 from .sampling import SamplingParams
@@ -46,6 +46,9 @@ DtypeOpt = typer.Option(None, "--dtype", help="bf16, fp16 or fp32 (default: bf16
 DeviceOpt = typer.Option(None, "--device", help="cpu or cuda (default: cuda when present).")
 # A list, so that a second --cache is seen and refused (a plain option would keep the last one silently).
 CacheOpt = typer.Option([], "--cache", help="Cache method spec, e.g. fp16, xquant:bits=4 (default: fp16).")
+ThreadsOpt = typer.Option(
+    None, "--threads", min=1,
+    help="CPU threads for torch (default: every core; one for a model with hidden size under 512).")
 WideOpt = typer.Option(
     False, "--wide", help="Show every column of the table (default: those that fit the terminal; 80 in a pipe).")
 
@@ -77,11 +80,18 @@ def sampling_from(
     )
 
 
-def load_llm(model: str | None, preset: str | None, dtype: str | None, device: str | None) -> api.LLM:
+def load_llm(
+    model: str | None, preset: str | None, dtype: str | None, device: str | None, threads: int | None
+) -> api.LLM:
+    if threads is not None:
+        set_threads(threads)  # before loading: building the weights uses them too
     if model is None and preset is None:
         err.print(f"[dim]no MODEL given: using the default model {api.DEFAULT_MODEL_NAME} "
                   f"({escape(str(api.default_model()))})[/dim]")
-    return api.load(model, preset=preset, dtype=dtype, device=device)
+    llm = api.load(model, preset=preset, dtype=dtype, device=device)
+    if threads is None:
+        set_default_threads(llm.config)
+    return llm
 
 
 @app.command()
@@ -102,6 +112,7 @@ def generate(
     chat: Optional[bool] = typer.Option(
         None, "--chat/--no-chat", help="Use the chat template (default: when the model has one)."),
     caches: list[str] = CacheOpt,
+    threads: Optional[int] = ThreadsOpt,
     preset: Optional[str] = PresetOpt,
     dtype: Optional[str] = DtypeOpt,
     device: Optional[str] = DeviceOpt,
@@ -113,7 +124,7 @@ def generate(
     if chat is False and system is not None:
         raise XQInferError("--system needs the chat template: drop --no-chat, or put the text in the prompt")
     cache = one_cache(caches)
-    llm = load_llm(model, preset, dtype, device)
+    llm = load_llm(model, preset, dtype, device, threads)
     if not llm.tokenizer.has_chat_template and (chat or (chat is None and system is not None)):
         err.print("[yellow]the model has no chat template: using a plain transcript[/yellow]")
     sampling = sampling_from(llm, temperature, top_p, top_k, min_p, repeat_penalty, seed)
@@ -187,6 +198,7 @@ def chat(
     repeat_penalty: Optional[float] = typer.Option(None, "--repeat-penalty"),
     seed: Optional[int] = typer.Option(None, "--seed"),
     caches: list[str] = CacheOpt,
+    threads: Optional[int] = ThreadsOpt,
     preset: Optional[str] = PresetOpt,
     dtype: Optional[str] = DtypeOpt,
     device: Optional[str] = DeviceOpt,
@@ -196,7 +208,7 @@ def chat(
 
     check_text(system, "--system")
     cache = one_cache(caches)
-    llm = load_llm(model, preset, dtype, device)
+    llm = load_llm(model, preset, dtype, device, threads)
     sampling = sampling_from(llm, temperature, top_p, top_k, min_p, repeat_penalty, seed)
     ChatREPL(llm, out, err, cache=cache, ctx=ctx, system=system, sampling=sampling, max_tokens=max_tokens).run()
 
@@ -217,6 +229,7 @@ def ppl(
     kld: bool = typer.Option(False, "--kld", help="Also report the KL divergence to fp16 per token."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON to this file."),
     wide: bool = WideOpt,
+    threads: Optional[int] = ThreadsOpt,
     preset: Optional[str] = PresetOpt,
     dtype: Optional[str] = DtypeOpt,
     device: Optional[str] = DeviceOpt,
@@ -232,7 +245,7 @@ def ppl(
         raise XQInferError("--json would overwrite the dataset; choose another file")
     specs = parse_specs(caches)
     check_writable(json_path)
-    llm = load_llm(model, preset, dtype, device)
+    llm = load_llm(model, preset, dtype, device, threads)
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=err, transient=True) as bar:
@@ -270,6 +283,7 @@ def bench(
         False, "--floors",
         help="Measure copy bandwidth and matmul rate first; show each decode speed against its floor."),
     wide: bool = WideOpt,
+    threads: Optional[int] = ThreadsOpt,
     preset: Optional[str] = PresetOpt,
     dtype: Optional[str] = DtypeOpt,
     device: Optional[str] = DeviceOpt,
@@ -284,7 +298,7 @@ def bench(
     context_values = [parse_context(c) for c in contexts] or [DEFAULT_CONTEXT[target.type]]
     specs = parse_specs(caches or DEFAULT_METHODS)
     check_writable(json_path)
-    llm = load_llm(model, preset, dtype, str(target))
+    llm = load_llm(model, preset, dtype, str(target), threads)
     env = environment(llm)
     err.print(f"[dim]{env['model']} | {env['device']} | {env['dtype']} | {env['threads']} threads | "
               f"torch {env['torch']}[/dim]")
@@ -336,6 +350,7 @@ def plan(
     matmul: Optional[float] = typer.Option(
         None, "--matmul", min=0.001, help="Device matmul rate in TFLOP/s in --dtype (with --bandwidth)."),
     wide: bool = WideOpt,
+    threads: Optional[int] = ThreadsOpt,
     preset: Optional[str] = PresetOpt,
 ) -> None:
     """How much each cache method stores per token, and the largest context and batch that fit in memory."""
@@ -350,6 +365,8 @@ def plan(
 
     if model is not None and preset is not None:
         raise XQInferError("give --model or --preset, not both")
+    if threads is not None:
+        set_threads(threads)  # nothing here computes much, but the option means the same on every command
     specs = parse_specs(caches or DEFAULT_METHODS)
     check_writable(json_path)
     config = open_checkpoint(model).config if model else preset_config(preset or "llama-3.1-8b")

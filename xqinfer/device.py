@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 import platform
 import resource
 import sys
+import warnings
 
 import torch
 
-from .config import torch_dtype
-from .errors import XQInferError
+from .config import ModelConfig, torch_dtype
+from .errors import XQInferError, XQInferWarning
 
 
 def pick_device(name: str | None = None) -> torch.device:
@@ -34,6 +36,42 @@ def pick_dtype(name: str | None, device: torch.device) -> torch.dtype:
     if name is None:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return torch_dtype(name)
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the system has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+# Below this hidden size a token's operations take microseconds, less than a team of threads spends meeting at each
+# one; on a busy machine a thread then waits for a time slice at every operation (docs/cli.md, --threads).
+SMALL_MODEL_HIDDEN_SIZE = 512
+
+
+def default_threads(config: ModelConfig) -> int:
+    """Torch's intra-op threads for a model: every usable core, one for a model smaller than
+    SMALL_MODEL_HIDDEN_SIZE."""
+    return 1 if config.hidden_size < SMALL_MODEL_HIDDEN_SIZE else usable_cores()
+
+
+def set_threads(threads: int) -> None:
+    """Torch's intra-op threads; more than the usable cores is honoured with a warning (they share the cores)."""
+    if threads < 1:
+        raise XQInferError(f"--threads must be at least 1, got {threads}")
+    cores = usable_cores()
+    if threads > cores:
+        warnings.warn(f"--threads {threads} is more than the {cores} cores this process may use: the threads will "
+                      "share them, which is usually slower", XQInferWarning, stacklevel=2)
+    torch.set_num_threads(threads)
+
+
+def set_default_threads(config: ModelConfig) -> None:
+    """`default_threads(config)`, unless OMP_NUM_THREADS says how many (torch has read it)."""
+    if not os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(default_threads(config))
 
 
 def synchronize(device: torch.device) -> None:
