@@ -96,6 +96,12 @@ def load_xq():
     return loader
 
 
+@pytest.fixture(autouse=True)
+def no_columns(monkeypatch):
+    """Tables fit $COLUMNS when it is set (80 columns in a pipe otherwise): the tests' own shell must not choose."""
+    monkeypatch.delenv("COLUMNS", raising=False)
+
+
 @pytest.fixture
 def single_thread():
     """One intra-op thread for tiny-model tests: their ops take microseconds, and with two OpenMP threads on a

@@ -340,11 +340,12 @@ def test_allow_extrapolation_runs_past_the_model_positions(monkeypatch, capsys, 
 
 
 TOP_LEVEL = {"model": str, "random_weights": bool, "device": str, "dtype": str, "threads": int, "torch": str,
-             "python": str, "xqinfer": str, "command": str, "peaks": type(None), "results": list}
-RESULT_FIELDS = {"method": str, "context": int, "batch": int, "gen": int, "reps": int, "cuda_graph": bool,
+             "python": str, "xqinfer": str, "command": str, "peaks": type(None), "interrupted": bool, "results": list}
+RESULT_FIELDS = {"method": str, "label": str, "context": int, "batch": int, "gen": int, "reps": int, "cuda_graph": bool,
                  "decode_path": str,
                  "prefill_tokens_per_s": float, "decode_tokens_per_s": float, "decode_tokens_per_s_std": float,
-                 "time_to_first_token_s": float, "peak_memory_bytes": int, "weights_bytes": int, "cache_bytes": int,
+                 "time_to_first_token_s": float, "peak_memory_bytes": int, "peak_memory_increase_bytes": int,
+                 "weights_bytes": int, "cache_bytes": int,
                  "workspace_bytes": int, "cache_bytes_per_token": float, "normalized_size": float,
                  # without --floors (tests/test_roofline.py has them with it)
                  "decode_floor_tokens_per_s": type(None), "decode_floor_bound": type(None)}
@@ -357,7 +358,7 @@ def check_bench_json(path: Path, out: str, context: int, gen: int, reps: int) ->
     for key, kind in TOP_LEVEL.items():
         assert key in data, f"{key} missing from {sorted(data)}"
         assert type(data[key]) is kind, f"{key}={data[key]!r} is not {kind.__name__}"
-    assert data["model"] == "llama-tiny" and data["random_weights"] is True
+    assert data["model"] == "llama-tiny" and data["random_weights"] is True and data["interrupted"] is False
     assert data["device"].startswith("cpu") and data["dtype"] == "float32"
     assert data["torch"] == torch.__version__ and data["threads"] >= 1
     assert data["command"].startswith("xqinfer bench") and f"--context {context}" in data["command"]
@@ -382,18 +383,24 @@ def check_bench_json(path: Path, out: str, context: int, gen: int, reps: int) ->
         assert result["weights_bytes"] == sum(p.nbytes for p in llm.model.parameters())
         assert result["weights_bytes"] == config.num_parameters * 4
         assert result["peak_memory_bytes"] > 0
-        assert result["workspace_bytes"] == max(result["peak_memory_bytes"] - result["weights_bytes"]
+        # On the CPU: what the run added over the process before loading, beside the process's total (in this
+        # long-lived test process, memory freed since then can make it small; tests/test_cli.py measures it alone).
+        assert 0 <= result["peak_memory_increase_bytes"] < result["peak_memory_bytes"]
+        assert result["workspace_bytes"] == max(result["peak_memory_increase_bytes"] - result["weights_bytes"]
                                                 - result["cache_bytes"], 0)
         assert result["prefill_tokens_per_s"] > 0 and result["time_to_first_token_s"] > 0
         assert result["decode_tokens_per_s"] > 0
         assert math.isfinite(result["decode_tokens_per_s_std"]) and result["decode_tokens_per_s_std"] >= 0
     # The fp16 cache holds the model dtype: 2 (K, V) x layers x kv_dim x 4 bytes per token.
     assert data["results"][0]["cache_bytes_per_token"] == 2 * config.num_layers * config.kv_dim * 4
+    assert data["results"][0]["label"] == "kv fp32"  # and it is named for that dtype, not "fp16"
+    assert data["results"][0]["normalized_size"] == 2.0  # against a 16-bit cache, as the papers count
     assert data["results"][1]["cache_bytes"] < data["results"][0]["cache_bytes"]
     # The table: a title with model, device, dtype; a header; one full row per method.
-    assert "llama-tiny | cpu" in out and "decode t/s" in out and "normalized" in out
+    assert "llama-tiny | cpu" in out and "decode t/s" in out
+    assert "…" not in out and max(map(len, out.splitlines())) <= 80  # a pipe's 80 columns (tests/test_formatting.py)
     for method in METHODS:
-        assert parse_spec(method).label() in out
+        assert parse_spec(method).display_name(torch.float32) in out
     assert re.search(r"\d+\.\d+ ± \d+\.\d+", out)
 
 
@@ -416,7 +423,7 @@ def test_bench_with_a_short_context_and_few_tokens(monkeypatch, capsys, tmp_path
 
 def test_bench_api_with_a_tiny_context():
     llm = xqinfer.load(preset="llama-tiny", device="cpu")
-    results = bench(llm, [16], ["fp16"], gen=2, reps=1)
+    results = bench(llm, [16], ["fp16"], gen=2, reps=1).results
     assert len(results) == 1 and results[0].decode_tokens_per_s > 0
 
 
@@ -450,8 +457,8 @@ def test_bench_keeps_the_finished_rows_when_a_method_fails(monkeypatch, capsys, 
     assert code == 1
     assert "failed: xquant-cl" in err and "base_layers=10 exceeds the model's 4 layers" in err, err
     assert err.strip().splitlines()[-1].startswith("error: 1 of 3 runs failed: xquant-cl"), err
-    rows = [line for line in out.splitlines() if line.startswith(("│ fp16", "│ kivi", "│ xquant-cl"))]
-    assert [row.split()[1] for row in rows] == ["fp16", "kivi"], out
+    rows = [line for line in out.splitlines() if line.startswith(("│ kv fp32", "│ kivi", "│ xquant-cl"))]
+    assert [row.split("│")[1].strip() for row in rows] == ["kv fp32", "kivi"], out
     data = json.loads(path.read_text(encoding="utf-8"))
     assert [r["method"].split(":")[0] for r in data["results"]] == ["fp16", "kivi"]
     assert [(f["method"].split(":")[0], f["context"]) for f in data["failures"]] == [("xquant-cl", 32)]

@@ -30,8 +30,9 @@ STORIES = SHARED / "models" / "stories260K"
 PROMPT = "Once upon a time"
 ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b\][^\x07]*\x07")
 STATS_LINE = re.compile(
-    r"prompt (\d+) tok, ([\d.]+) tok/s \| generated (\d+) tok, ([\d.]+) tok/s \| "
-    r"peak memory ([\d.]+) (B|KiB|MiB|GiB|TiB) \| cache ([\d.]+) (B|KiB|MiB|GiB|TiB)"
+    r"prompt (\d+) tok, ([\d.]+|-) tok/s \| generated (\d+) tok, ([\d.]+|-) tok/s \| "
+    r"peak memory \+([\d.]+ (?:B|KiB|MiB|GiB|TiB)) \(process ([\d.]+ (?:B|KiB|MiB|GiB|TiB))\) \| "
+    r"cache (.+?) ([\d.]+) (B|KiB|MiB|GiB|TiB)"
 )
 JSON_KEYS = {
     "text": str,
@@ -40,8 +41,16 @@ JSON_KEYS = {
     "prefill_tokens_per_s": float,
     "decode_tokens_per_s": float,
     "peak_memory_bytes": int,
+    "peak_memory_increase_bytes": int,
     "cache_bytes": int,
 }
+UNITS = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
+
+
+def size(text: str) -> float:
+    """`325.12 MiB` -> bytes."""
+    number, unit = text.split()
+    return float(number) * UNITS[unit]
 
 
 def need_stories() -> Path:
@@ -172,11 +181,14 @@ def test_generate_streams_text_then_a_stats_line(real_runs, single_thread):
     assert len(err_lines) == 1, err  # a real model with --no-chat: no warning, only the stats line, unwrapped
     match = STATS_LINE.search(err_lines[0])
     assert match, err
-    prompt_tokens, prefill_rate, generated, decode_rate, peak, peak_unit = match.groups()[:6]
+    prompt_tokens, prefill_rate, generated, decode_rate, increase, total, cache_name = match.groups()[:7]
+    assert cache_name == "kv fp32"  # the fp16 baseline, named for the dtype it stores in this fp32 run
     assert int(prompt_tokens) == expected.stats.prompt_tokens == 5
     assert int(generated) == expected.stats.generated_tokens == 20
     assert float(prefill_rate) > 0 and float(decode_rate) > 0
-    assert float(peak) > 0 and peak_unit in ("MiB", "GiB")  # the process's peak RSS: at least torch's own
+    # The run's increase over the process before loading (at least the 1 MiB of fp32 weights), then the process's
+    # peak resident size, which holds the torch runtime too.
+    assert 2**20 <= size(increase) < size(total) and size(total) > 50 * 2**20
 
 
 def test_generate_json_is_one_object_with_typed_stats(real_runs, single_thread):
@@ -195,6 +207,8 @@ def test_generate_json_is_one_object_with_typed_stats(real_runs, single_thread):
     assert data["generated_tokens"] == expected.stats.generated_tokens == 20
     assert data["prefill_tokens_per_s"] > 0 and data["decode_tokens_per_s"] > 0
     assert data["peak_memory_bytes"] > 1 << 20
+    assert 2**20 <= data["peak_memory_increase_bytes"] < data["peak_memory_bytes"]
+    assert data["cache_method"] == "fp16" and data["cache_label"] == "kv fp32"
     # fp16 cache over prompt + max_tokens slots: 5 layers x K and V x 4 heads x 8 dims x 2 bytes per token, at least.
     assert data["cache_bytes"] >= (5 + 20) * 5 * 2 * 4 * 8 * 2
     assert STATS_LINE.search(err) is None  # --json replaces the stats line
@@ -563,3 +577,75 @@ def test_generate_into_a_pipe_that_closes_early_is_quiet(real_runs):
     assert head == ", ther"
     assert "Traceback" not in err and "Exception ignored" not in err, err
     assert code in (0, 1), err  # 1 when a write hit the closed pipe, 0 if the text all fit in the pipe first
+
+
+# --- Ctrl-C ----------------------------------------------------------------------------------------------------------
+# A real SIGINT to a real process, sent while it is still working: random weights, many tokens to go. Sampled text of
+# random weights is mostly bytes that are no UTF-8, which the stream holds back: the first chunk comes at once, the
+# next only thousands of tokens later, so the signal always lands mid-run.
+
+RANDOM_GENERATE = ["generate", "--preset", "llama-tiny", "--device", "cpu", "-p", "Once", "-n", "4000", "--no-chat",
+                   "--temperature", "0.7", "--top-k", "40", "--seed", "1"]
+
+
+def test_ctrl_c_in_generate_prints_the_stats_so_far_and_exits_130():
+    import signal
+
+    process = start_cli(*RANDOM_GENERATE)
+    first = process.stdout.read(1)  # generation is under way
+    process.send_signal(signal.SIGINT)
+    code, out, err = finish(process)
+    text = ANSI.sub("", err)
+    assert code == 130, err
+    assert "Traceback" not in err and "internal error" not in err, err
+    assert (first.decode(errors="replace") + out).endswith("\n")  # the text ends its line
+    assert "[interrupted]" in text
+    match = STATS_LINE.search(text)
+    assert match, err
+    assert int(match.group(1)) == 5 and 1 <= int(match.group(3)) < 4000  # what was generated before the signal
+
+
+def test_ctrl_c_in_generate_json_still_prints_the_object(monkeypatch, capsys):
+    """--json prints the object of what was generated, `finish_reason` "interrupted", and exits 130."""
+    from xqinfer.engine import Engine
+
+    decode, steps = Engine.decode, []
+
+    def interrupted_at_the_fourth_step(self, *args, **kwargs):
+        steps.append(1)
+        if len(steps) == 4:
+            raise KeyboardInterrupt
+        return decode(self, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "decode", interrupted_at_the_fourth_step)
+    code, out, err = call_main(monkeypatch, capsys, *RANDOM_GENERATE, "--json")
+    assert code == 130, err
+    data = json.loads(out)
+    assert data["finish_reason"] == "interrupted"
+    assert data["generated_tokens"] == 4 and data["prompt_tokens"] == 5  # the first token, then three decode steps
+    assert data["peak_memory_bytes"] > 0 and data["cache_bytes"] > 0  # the stats were recorded
+
+
+def test_ctrl_c_in_bench_prints_the_finished_rows_and_writes_the_json(tmp_path):
+    import signal
+
+    path = tmp_path / "bench.json"
+    process = start_cli("bench", "--preset", "llama-tiny", "--device", "cpu", "--context", "16", "--gen", "200",
+                        "--reps", "2", "--cache", "fp16", "--cache", "kivi:bits=2", "--json", path)
+    seen = []
+    for line in process.stderr:  # the fp16 row is done; kivi runs as long again
+        seen.append(line.decode())
+        if "done: fp16" in seen[-1]:
+            break
+    process.send_signal(signal.SIGINT)
+    code, out, err = finish(process)
+    err = ANSI.sub("", "".join(seen) + err)
+    assert code == 130, err
+    assert "Traceback" not in err and "internal error" not in err, err
+    assert "interrupted: the table shows the 1 finished run(s)" in err
+    rows = [line for line in out.splitlines() if line.startswith("│ ")]
+    assert [row.split("│")[1].strip() for row in rows] == ["kv fp32"], out
+    data = json.loads(path.read_text(encoding="utf-8"))
+    assert data["interrupted"] is True and data["failures"] == []
+    assert [result["method"] for result in data["results"]] == ["fp16"]
+    assert data["results"][0]["decode_tokens_per_s"] > 0

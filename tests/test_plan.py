@@ -252,7 +252,8 @@ def assert_one_line_error(code: int, out: str, err: str, *needles: str) -> None:
         assert needle in text, f"{needle!r} not in {text!r}"
 
 
-ROW_FIELDS = {"method": str, "normalized_size": float, "bytes_per_token": float, "equivalent_bits": (float, type(None)),
+ROW_FIELDS = {"method": str, "label": str, "normalized_size": float, "bytes_per_token": float,
+              "equivalent_bits": (float, type(None)),
               "cache_bytes_at_context": int, "weights_bytes": int, "workspace_bytes": int, "fits_at_context": bool,
               "max_context_batch_1": int, "max_batch_at_context": int,
               # without --bandwidth/--matmul (test_plan_decode_floors has them)
@@ -302,16 +303,18 @@ def test_plan_json_schema(monkeypatch, capsys, tmp_path):
     assert code == 0, err
     data = check_plan_json(path, "llama-3.1-8b", preset_config("llama-3.1-8b"), 80 * GB, 32768)
     assert [r["method"] for r in data["methods"]] == [str(parse_spec(m)) for m in benchmarked_specs()]
+    assert [r["label"] for r in data["methods"]][:2] == ["kv bf16", "kivi"]
     # The table: title with model, budget and context, a header, one row per method.
-    assert "llama-3.1-8b" in out and "context 32768" in out and "max context (b=1)" in out
+    assert "llama-3.1-8b" in out and "context 32768" in out and "max ctx b=1" in out
     for method in benchmarked_specs():
-        assert parse_spec(method).label() in out
+        assert parse_spec(method).display_name(torch.bfloat16) in out
 
 
 def test_plan_decode_floors_from_the_device_rates(monkeypatch, capsys, tmp_path):
     path = tmp_path / "plan.json"
     code, out, err = run_cli(monkeypatch, capsys, "plan", "--memory", "141GB", "--context", "32k", "--bandwidth",
-                             "4300", "--matmul", "790", "--cache", "fp16", "--cache", "xquant-cl", "--json", path)
+                             "4300", "--matmul", "790", "--wide", "--cache", "fp16", "--cache", "xquant-cl",
+                             "--json", path)
     assert code == 0, err
     data = json.loads(path.read_text(encoding="utf-8"))
     peaks = Peaks(4300e9, 790e12, "bfloat16")

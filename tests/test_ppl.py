@@ -217,8 +217,8 @@ def strict_json(path: Path) -> dict:
 
 TOP_LEVEL = {"dataset": str, "model": str, "protocol": str, "ctx": int, "chunk": int, "scoring": str,
              "windows_total": int, "interrupted": bool, "methods": list}
-ROW = {"spec": str, "bits": str, "normalized_size": float, "compression": float, "ppl": float, "ppl_stderr": float,
-       "delta_ppl": float, "tokens": int, "windows": int, "seconds": float}
+ROW = {"spec": str, "label": str, "bits": str, "normalized_size": float, "compression": float, "ppl": float,
+       "ppl_stderr": float, "delta_ppl": float, "tokens": int, "windows": int, "seconds": float}
 FINAL = re.compile(r"^\[(.+)\] Final estimate: PPL = ([\d.]+) \+/- ([\d.]+)$", re.MULTILINE)
 
 
@@ -250,6 +250,8 @@ def test_ppl_json_schema_and_values(stories, tmp_path, monkeypatch, capsys, sing
     rows = data["methods"]
     assert [row["spec"] for row in rows] == ["fp16"] + [str(parse_spec(s)) for s in specs]  # fp16 first, as given
     assert [row["bits"] for row in rows] == ["16", "2", "4", "2 (first 3 at 4)"]
+    # The baseline is named for what it stores: this run's fp32; the others by their spec's non-default options.
+    assert [row["label"] for row in rows] == ["kv fp32", "kivi", "xquant", "xquant-cl"]
     expected = dict(zip([row["spec"] for row in rows], run(stories, specs, ctx=64, limit=2).values()))
     for row in rows:
         size = normalized_size(parse_spec(row["spec"]), stories.config, stories.dtype)
@@ -350,9 +352,9 @@ def test_text_shorter_than_a_window_says_its_length_and_a_ctx_that_works(stories
     length = len(stories.tokenizer.encode("Once upon a time, there was a cat.\n", add_bos=True))
     code, out, err = call_main(monkeypatch, capsys, "ppl", path, "-m", STORIES, "--ctx", "64")
     assert_one_line_error(code, out, err, f"has {length} tokens", f"--ctx {length} or less")
-    code, out, err = call_main(monkeypatch, capsys, "ppl", path, "-m", STORIES, "--ctx", str(length))
+    code, out, err = call_main(monkeypatch, capsys, "ppl", path, "-m", STORIES, "--ctx", str(length), "--wide")
     assert code == 0, err  # the suggested --ctx does work: one window
-    assert re.search(rf"\bfp16\b.*\b{length - 1}\b", ANSI.sub("", out)), out
+    assert re.search(rf"\bkv fp32\b.*\b{length - 1}\b", ANSI.sub("", out)), out
 
 
 # --- Ctrl-C ----------------------------------------------------------------------------------------------------------

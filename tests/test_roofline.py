@@ -89,14 +89,14 @@ def test_peaks_measured_on_this_cpu_are_positive_and_finite():
 
 def test_bench_with_peaks_reports_each_decode_against_its_floor():
     llm = xqinfer.load(preset="llama-tiny", device="cpu")
-    results = bench(llm, [64], ["fp16", "xquant:bits=4"], gen=4, reps=1, peaks=PEAKS)
+    results = bench(llm, [64], ["fp16", "xquant:bits=4"], gen=4, reps=1, peaks=PEAKS).results
     for result in results:
         floor = decode_floor(llm.config, parse_spec(result.method), 64 + 2, 1, llm.dtype, PEAKS)
         assert result.decode_floor_tokens_per_s == pytest.approx(1 / floor.seconds)
         assert result.decode_floor_bound == floor.bound
         assert result.fraction_of_floor == pytest.approx(result.decode_tokens_per_s / result.decode_floor_tokens_per_s)
     assert bytes_per_token(parse_spec("fp16"), llm.config, llm.dtype) > 0
-    plain = bench(llm, [64], ["fp16"], gen=2, reps=1)[0]
+    plain = bench(llm, [64], ["fp16"], gen=2, reps=1).results[0]
     assert plain.decode_floor_tokens_per_s is None and plain.fraction_of_floor is None
 
 

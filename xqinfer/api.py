@@ -13,12 +13,13 @@ import torch
 
 from .arch import CausalLM
 from .cache import CacheSpec
-from .config import ModelConfig
-from .device import pick_device, pick_dtype
+from .config import ModelConfig, dtype_name
+from .device import pick_device, pick_dtype, resident_memory
 from .engine import Engine, GenerationStats
 from .errors import ConfigError, ContextError
 from .formats import open_checkpoint
 from .loader import load_checkpoint, random_model
+from .memory import WEIGHTS_HINT, check_memory, weights_needs
 from .presets import preset_config
 from .sampling import SamplingParams, resolve_sampling
 from .tokenizer import Tokenizer
@@ -36,6 +37,9 @@ class LLM:
     eos_ids: tuple[int, ...]
     path: Path | None = None
     random_weights: bool = False
+    # CPU: the process's resident size before the model was loaded, so that a peak can say what the model and its
+    # run added to the torch runtime; None on CUDA (see device.resident_memory).
+    memory_before_load: int | None = None
 
     @property
     def device(self) -> torch.device:
@@ -61,20 +65,27 @@ def load(
     target = pick_device(device)
     if model is not None and preset is not None:
         raise ConfigError("give a model or a preset, not both")
+    before = resident_memory(target)
     if preset is not None:
         config = preset_config(preset)
         torch_dtype = pick_dtype(dtype, target)
+        check_memory(weights_needs(config, torch_dtype), target, f"{preset} in {dtype_name(torch_dtype)}",
+                     WEIGHTS_HINT)
         weights = random_model(config, torch_dtype, target, seed=seed)
         tokenizer = Tokenizer.byte_level(config.vocab_size)
         eos = config.eos_token_ids or tokenizer.eos_ids
-        return LLM(preset, config, weights, tokenizer, SamplingParams(), eos, random_weights=True)
+        return LLM(preset, config, weights, tokenizer, SamplingParams(), eos, random_weights=True,
+                   memory_before_load=before)
     name = str(model) if model is not None else DEFAULT_MODEL_NAME
     checkpoint = open_checkpoint(model if model is not None else default_model())
     torch_dtype = pick_dtype(dtype, target)  # checked before the weights are read
+    check_memory(weights_needs(checkpoint.config, torch_dtype), target, f"{name} in {dtype_name(torch_dtype)}",
+                 WEIGHTS_HINT)
     tokenizer = checkpoint.tokenizer()
     weights = load_checkpoint(checkpoint, torch_dtype, target)
     sampling, eos = checkpoint.generation_defaults(tokenizer)
-    return LLM(name, checkpoint.config, weights, tokenizer, sampling, eos, path=checkpoint.path)
+    return LLM(name, checkpoint.config, weights, tokenizer, sampling, eos, path=checkpoint.path,
+               memory_before_load=before)
 
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -144,7 +155,7 @@ class Session:
         `sampling` is a SamplingParams, or a dict of settings applied over the model's defaults (None: the
         defaults); `stop` is one stop string or several.
         """
-        stats = GenerationStats()
+        stats = GenerationStats(memory_before_load_bytes=self.llm.memory_before_load)
         tokens: list[int] = []
         # Set first, so that a request refused below never leaves the previous request's result in `last`.
         self.last = GenerationResult("", tokens, stats, "interrupted")

@@ -20,7 +20,7 @@ import torch
 from .accounting import bytes_per_token, normalized_size
 from .api import LLM
 from .cache import CacheSpec, parse_spec
-from .device import peak_memory, reset_peak_memory, synchronize
+from .device import is_out_of_memory, peak_memory, reset_peak_memory, synchronize
 from .engine import UNKNOWN_TOKEN, Engine
 from .errors import XQInferError
 from .roofline import Peaks, decode_floor
@@ -42,6 +42,7 @@ def parse_context(text: str) -> int:
 @dataclass
 class BenchResult:
     method: str
+    label: str  # what tables call it (CacheSpec.display_name): the baseline is named for the dtype it stores
     context: int
     batch: int
     gen: int
@@ -50,9 +51,10 @@ class BenchResult:
     decode_path: str  # "triton" where fused kernels ran in every layer, "torch" otherwise ("mixed" if some)
     prefill_tokens_per_s: float
     decode_tokens_per_s: float | None  # None with --gen 1: nothing is decoded after the first token
-    decode_tokens_per_s_std: float
+    decode_tokens_per_s_std: float | None  # None with one repetition: no spread to measure
     time_to_first_token_s: float
-    peak_memory_bytes: int
+    peak_memory_bytes: int  # CUDA: the allocator's peak; CPU: the process's peak resident size
+    peak_memory_increase_bytes: int | None  # CPU: the peak over the resident size before loading; None on CUDA
     weights_bytes: int
     cache_bytes: int
     workspace_bytes: int
@@ -70,6 +72,14 @@ class BenchResult:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass
+class BenchRun:
+    """The results of a bench, in the order they finished; `interrupted` after a Ctrl-C ended it early."""
+
+    results: list[BenchResult]
+    interrupted: bool = False
 
 
 def weights_bytes(llm: LLM) -> int:
@@ -90,8 +100,10 @@ def bench(
     peaks: Peaks | None = None,
     report: Callable[[BenchResult], None] | None = None,
     failed: Callable[[CacheSpec, int, str], None] | None = None,
-) -> list[BenchResult]:
+) -> BenchRun:
     """Measures every (method, context) pair; `report` sees each result as soon as it is ready.
+
+    A Ctrl-C (KeyboardInterrupt) ends the run with the results finished so far, marked `interrupted`.
 
     With `peaks` (the device's measured rates, `roofline.measure_peaks`), each result also carries its decode floor.
     With `failed`, a pair that the user's choices make fail (a spec this model refuses, memory) is handed to it with
@@ -106,26 +118,29 @@ def bench(
             raise XQInferError(f"--context {context} plus --gen {gen} exceeds the model's {limit} positions "
                                "(--allow-extrapolation runs it anyway)")
     generator = torch.Generator().manual_seed(seed)
-    results = []
-    for context in contexts:
-        prompt = torch.randint(0, llm.config.vocab_size, (context,), generator=generator).tolist()
-        for spec in specs:
-            try:
-                result = _bench_one(llm, spec, prompt, gen, batch, reps, cuda_graph, allow_extrapolation)
-            except (XQInferError, torch.OutOfMemoryError, MemoryError) as exc:
-                if failed is None:
-                    raise
-                failed(spec, context, str(exc) or type(exc).__name__)
-                continue
-            if peaks is not None:
-                # Decode steps run over context .. context + gen - 1 cached tokens: the floor at the mean.
-                floor = decode_floor(llm.config, spec, context + gen // 2, batch, llm.dtype, peaks)
-                result.decode_floor_tokens_per_s = batch / floor.seconds
-                result.decode_floor_bound = floor.bound
-            results.append(result)
-            if report:
-                report(result)
-    return results
+    run = BenchRun([])
+    try:
+        for context in contexts:
+            prompt = torch.randint(0, llm.config.vocab_size, (context,), generator=generator).tolist()
+            for spec in specs:
+                try:
+                    result = _bench_one(llm, spec, prompt, gen, batch, reps, cuda_graph, allow_extrapolation)
+                except Exception as exc:
+                    if failed is None or not (isinstance(exc, XQInferError) or is_out_of_memory(exc)):
+                        raise
+                    failed(spec, context, str(exc) or type(exc).__name__)
+                    continue
+                if peaks is not None:
+                    # Decode steps run over context .. context + gen - 1 cached tokens: the floor at the mean.
+                    floor = decode_floor(llm.config, spec, context + gen // 2, batch, llm.dtype, peaks)
+                    result.decode_floor_tokens_per_s = batch / floor.seconds
+                    result.decode_floor_bound = floor.bound
+                run.results.append(result)
+                if report:
+                    report(result)
+    except KeyboardInterrupt:
+        run.interrupted = True
+    return run
 
 
 def _bench_one(
@@ -148,8 +163,11 @@ def _bench_one(
             decode.append((gen - 1) * batch / decode_s)
     weights, cache_bytes = weights_bytes(llm), engine.cache.nbytes()
     peak = max(peaks)
+    before = llm.memory_before_load
+    increase = None if before is None else max(peak - before, 0)
     return BenchResult(
         method=str(engine.cache.spec),
+        label=engine.cache.spec.display_name(llm.dtype),
         context=len(prompt),
         batch=batch,
         gen=gen,
@@ -158,12 +176,13 @@ def _bench_one(
         decode_path=engine.cache.decode_path(),
         prefill_tokens_per_s=statistics.mean(prefill),
         decode_tokens_per_s=statistics.mean(decode) if decode else None,
-        decode_tokens_per_s_std=statistics.stdev(decode) if len(decode) > 1 else 0.0,
+        decode_tokens_per_s_std=statistics.stdev(decode) if len(decode) > 1 else None,
         time_to_first_token_s=statistics.mean(first_token),
         peak_memory_bytes=peak,
+        peak_memory_increase_bytes=increase,
         weights_bytes=weights,
         cache_bytes=cache_bytes,
-        workspace_bytes=max(peak - weights - cache_bytes, 0),
+        workspace_bytes=max((peak if increase is None else increase) - weights - cache_bytes, 0),
         cache_bytes_per_token=bytes_per_token(spec, llm.config, llm.dtype),
         normalized_size=normalized_size(spec, llm.config, llm.dtype),
     )

@@ -13,7 +13,7 @@ from .cache import CacheSpec, parse_spec
 from .chat_file import SavedChat, is_text, read_saved_chat, write_new_file
 from .chat_input import open_reader, unwrap_block
 from .errors import XQInferError
-from .formatting import stats_line
+from .formatting import fit_line, stats_line, terminal_width
 from .sampling import SamplingParams
 
 DEFAULT_CHAT_CONTEXT = 4096
@@ -58,7 +58,8 @@ class ChatREPL:
     def run(self) -> None:
         if not self.llm.tokenizer.has_chat_template:
             self.err.print("[yellow]the model has no chat template: using a plain transcript[/yellow]")
-        self.err.print(f"[dim]chatting with {escape(self.llm.name)} ({escape(str(self.session.engine.spec))} cache, "
+        cache = self.session.engine.spec.display_name(self.llm.dtype)
+        self.err.print(f"[dim]chatting with {escape(self.llm.name)} ({escape(cache)} cache, "
                        f"{self.session.engine.capacity} tokens). /help for commands, Ctrl-D to leave.[/dim]")
         reader = open_reader(self.out, lambda text: self.err.print(f"[yellow]warning:[/yellow] {escape(text)}"))
         while True:
@@ -106,7 +107,7 @@ class ChatREPL:
         last = self.session.last
         if last is not None and budget < self.max_tokens and last.finish_reason == "length":
             self.err.print("[yellow]the context is full: /reset starts over[/yellow]")
-        self.err.print(f"[dim]{escape(stats_summary(self.session))}[/dim]")
+        self.err.print(f"[dim]{escape(fit_line(stats_summary(self.session), terminal_width(self.err)))}[/dim]")
 
     def reply_budget(self, text: str) -> int:
         """max_tokens, cut to the room the context has left: a long conversation's last reply ends at the limit
@@ -131,7 +132,7 @@ class ChatREPL:
             self.session.reset()
             self.out.print("[dim]conversation and cache cleared[/dim]")
         elif name == "/stats":
-            self.out.print(stats_summary(self.session), markup=False)
+            self.out.print(fit_line(stats_summary(self.session), terminal_width(self.out)), markup=False)
         elif name == "/set":
             self.set_option(rest)
         elif name == "/save":

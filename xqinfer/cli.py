@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -10,16 +11,15 @@ import warnings
 from pathlib import Path
 from typing import NoReturn, Optional, Sequence
 
-import torch
 import typer
 from rich.console import Console
 from rich.markup import escape
 
 from . import api
 from .cache import CacheSpec, benchmarked_specs, parse_spec
-from .device import pick_device
+from .device import is_out_of_memory, pick_device, set_default_threads, set_threads
 from .errors import XQInferError, XQInferWarning
-from .formatting import stats_line
+from .formatting import fit_line, stats_line, terminal_width
 from .sampling import SamplingParams
 
 try:  # typer >= 0.16 vendors click; older releases use click itself
@@ -46,6 +46,11 @@ DtypeOpt = typer.Option(None, "--dtype", help="bf16, fp16 or fp32 (default: bf16
 DeviceOpt = typer.Option(None, "--device", help="cpu or cuda (default: cuda when present).")
 # A list, so that a second --cache is seen and refused (a plain option would keep the last one silently).
 CacheOpt = typer.Option([], "--cache", help="Cache method spec, e.g. fp16, xquant:bits=4 (default: fp16).")
+ThreadsOpt = typer.Option(
+    None, "--threads", min=1,
+    help="CPU threads for torch (default: every core; one for a model with hidden size under 512).")
+WideOpt = typer.Option(
+    False, "--wide", help="Show every column of the table (default: those that fit the terminal; 80 in a pipe).")
 
 
 def one_cache(caches: Sequence[str]) -> CacheSpec:
@@ -75,11 +80,18 @@ def sampling_from(
     )
 
 
-def load_llm(model: str | None, preset: str | None, dtype: str | None, device: str | None) -> api.LLM:
+def load_llm(
+    model: str | None, preset: str | None, dtype: str | None, device: str | None, threads: int | None
+) -> api.LLM:
+    if threads is not None:
+        set_threads(threads)  # before loading: building the weights uses them too
     if model is None and preset is None:
         err.print(f"[dim]no MODEL given: using the default model {api.DEFAULT_MODEL_NAME} "
                   f"({escape(str(api.default_model()))})[/dim]")
-    return api.load(model, preset=preset, dtype=dtype, device=device)
+    llm = api.load(model, preset=preset, dtype=dtype, device=device)
+    if threads is None:
+        set_default_threads(llm.config)
+    return llm
 
 
 @app.command()
@@ -100,6 +112,7 @@ def generate(
     chat: Optional[bool] = typer.Option(
         None, "--chat/--no-chat", help="Use the chat template (default: when the model has one)."),
     caches: list[str] = CacheOpt,
+    threads: Optional[int] = ThreadsOpt,
     preset: Optional[str] = PresetOpt,
     dtype: Optional[str] = DtypeOpt,
     device: Optional[str] = DeviceOpt,
@@ -111,23 +124,35 @@ def generate(
     if chat is False and system is not None:
         raise XQInferError("--system needs the chat template: drop --no-chat, or put the text in the prompt")
     cache = one_cache(caches)
-    llm = load_llm(model, preset, dtype, device)
+    llm = load_llm(model, preset, dtype, device, threads)
     if not llm.tokenizer.has_chat_template and (chat or (chat is None and system is not None)):
         err.print("[yellow]the model has no chat template: using a plain transcript[/yellow]")
     sampling = sampling_from(llm, temperature, top_p, top_k, min_p, repeat_penalty, seed)
     ids = api.build_prompt(llm, text, chat=chat, system=system)
     session = api.one_shot_session(llm, cache, ids, max_tokens)
     chunks = session.stream(ids, max_tokens=max_tokens, sampling=sampling, stop=stop)
+    interrupted = False
+    try:
+        for chunk in chunks:
+            if not as_json:
+                sys.stdout.write(chunk)
+                sys.stdout.flush()
+    except KeyboardInterrupt:
+        # Closing the stream ends the engine's loop too, which records the stats of what was generated.
+        chunks.close()
+        interrupted = True
+    result = session.last  # None only after a Ctrl-C before the stream began
     if as_json:
-        for _ in chunks:
-            pass
-        print(json.dumps(session.last.as_dict()))
-        return
-    for chunk in chunks:
-        sys.stdout.write(chunk)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
-    err.print(f"[dim]{stats_line(session.last)}[/dim]")
+        if result is not None:
+            print(json.dumps(result.as_dict()))
+    else:
+        sys.stdout.write("\n")
+        if interrupted:
+            err.print("[yellow]\\[interrupted][/yellow]")
+        if result is not None:
+            err.print(f"[dim]{fit_line(stats_line(result), terminal_width(err))}[/dim]")
+    if interrupted:
+        sys.exit(130)
 
 
 def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
@@ -173,6 +198,7 @@ def chat(
     repeat_penalty: Optional[float] = typer.Option(None, "--repeat-penalty"),
     seed: Optional[int] = typer.Option(None, "--seed"),
     caches: list[str] = CacheOpt,
+    threads: Optional[int] = ThreadsOpt,
     preset: Optional[str] = PresetOpt,
     dtype: Optional[str] = DtypeOpt,
     device: Optional[str] = DeviceOpt,
@@ -182,7 +208,7 @@ def chat(
 
     check_text(system, "--system")
     cache = one_cache(caches)
-    llm = load_llm(model, preset, dtype, device)
+    llm = load_llm(model, preset, dtype, device, threads)
     sampling = sampling_from(llm, temperature, top_p, top_k, min_p, repeat_penalty, seed)
     ChatREPL(llm, out, err, cache=cache, ctx=ctx, system=system, sampling=sampling, max_tokens=max_tokens).run()
 
@@ -205,6 +231,8 @@ def ppl(
         "gptq", "--scoring",
         help="gptq (every position of every window) or llama.cpp (BOS per window, its second half scored)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON to this file."),
+    wide: bool = WideOpt,
+    threads: Optional[int] = ThreadsOpt,
     preset: Optional[str] = PresetOpt,
     dtype: Optional[str] = DtypeOpt,
     device: Optional[str] = DeviceOpt,
@@ -221,7 +249,7 @@ def ppl(
         raise XQInferError("--json would overwrite the dataset; choose another file")
     specs = parse_specs(caches)
     check_writable(json_path)
-    llm = load_llm(model, preset, dtype, device)
+    llm = load_llm(model, preset, dtype, device, threads)
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=err, transient=True) as bar:
@@ -230,7 +258,8 @@ def ppl(
                             scoring=scoring, progress=lambda done, total: bar.update(task, completed=done, total=total))
     if report.interrupted:
         err.print(f"[yellow]interrupted: the table covers the {report.baseline.windows} complete window(s)[/yellow]")
-    print_table(perplexity_table(report))
+    width = table_width(wide)
+    print_table(perplexity_table(report, width), width)
     for row in report.rows():
         out.print(f"[{escape(row['spec'])}] Final estimate: PPL = {row['ppl']:.4f} +/- {row['ppl_stderr']:.5f}",
                   markup=False)
@@ -257,6 +286,8 @@ def bench(
     floors: bool = typer.Option(
         False, "--floors",
         help="Measure copy bandwidth and matmul rate first; show each decode speed against its floor."),
+    wide: bool = WideOpt,
+    threads: Optional[int] = ThreadsOpt,
     preset: Optional[str] = PresetOpt,
     dtype: Optional[str] = DtypeOpt,
     device: Optional[str] = DeviceOpt,
@@ -271,7 +302,7 @@ def bench(
     context_values = [parse_context(c) for c in contexts] or [DEFAULT_CONTEXT[target.type]]
     specs = parse_specs(caches or benchmarked_specs())
     check_writable(json_path)
-    llm = load_llm(model, preset, dtype, str(target))
+    llm = load_llm(model, preset, dtype, str(target), threads)
     env = environment(llm)
     err.print(f"[dim]{env['model']} | {env['device']} | {env['dtype']} | {env['threads']} threads | "
               f"torch {env['torch']}[/dim]")
@@ -285,15 +316,21 @@ def bench(
         failures.append({"method": str(spec), "context": context, "error": one_line(reason)})
         err.print(f"[yellow]  failed: {escape(str(spec))} at {context} tokens: {escape(one_line(reason))}[/yellow]")
 
-    results = run_bench(llm, context_values, specs, gen=gen, batch=batch, reps=reps,
-                        cuda_graph=not no_cuda_graph, allow_extrapolation=allow_extrapolation, peaks=peaks,
-                        report=lambda r: err.print(f"[dim]  done: {r.method} at {r.context} tokens[/dim]"),
-                        failed=failed)
+    run = run_bench(llm, context_values, specs, gen=gen, batch=batch, reps=reps,
+                    cuda_graph=not no_cuda_graph, allow_extrapolation=allow_extrapolation, peaks=peaks,
+                    report=lambda r: err.print(f"[dim]  done: {r.method} at {r.context} tokens[/dim]"),
+                    failed=failed)
+    results = run.results
+    if run.interrupted:
+        err.print(f"[yellow]interrupted: the table shows the {len(results)} finished run(s)[/yellow]")
     if results:
-        print_table(bench_table(results, env))
+        width = table_width(wide)
+        print_table(bench_table(results, env, width), width)
     if json_path is not None:
-        write_json(json_path, {**env, "peaks": peaks.as_dict() if peaks else None,
+        write_json(json_path, {**env, "peaks": peaks.as_dict() if peaks else None, "interrupted": run.interrupted,
                                "results": [r.as_dict() for r in results], "failures": failures})
+    if run.interrupted:
+        sys.exit(130)
     if failures:
         fail(f"{len(failures)} of {len(failures) + len(results)} runs failed: "
              + "; ".join(f"{f['method']} at {f['context']}: {f['error']}" for f in failures))
@@ -316,6 +353,8 @@ def plan(
         None, "--bandwidth", min=0.001, help="Device copy bandwidth in GB/s (with --matmul: decode floors)."),
     matmul: Optional[float] = typer.Option(
         None, "--matmul", min=0.001, help="Device matmul rate in TFLOP/s in --dtype (with --bandwidth)."),
+    wide: bool = WideOpt,
+    threads: Optional[int] = ThreadsOpt,
     preset: Optional[str] = PresetOpt,
 ) -> None:
     """How much each cache method stores per token, and the largest context and batch that fit in memory."""
@@ -330,6 +369,8 @@ def plan(
 
     if model is not None and preset is not None:
         raise XQInferError("give --model or --preset, not both")
+    if threads is not None:
+        set_threads(threads)  # nothing here computes much, but the option means the same on every command
     specs = parse_specs(caches or benchmarked_specs())
     check_writable(json_path)
     config = open_checkpoint(model).config if model else preset_config(preset or "llama-3.1-8b")
@@ -341,17 +382,30 @@ def plan(
     peaks = Peaks(bandwidth * 1e9, matmul * 1e12, rates_dtype) if bandwidth is not None else None
     rows = make_plan(config, specs, memory=budget, context=tokens, batch=batch,
                      dtype=torch_dtype(dtype), peaks=peaks)
-    print_table(plan_table(rows, name, budget, tokens, batch))
+    width = table_width(wide)
+    print_table(plan_table(rows, name, budget, tokens, batch, dtype, width), width)
     if json_path is not None:
         write_json(json_path, {"model": name, "memory_bytes": budget, "context": tokens, "batch": batch,
                                "dtype": dtype, "peaks": peaks.as_dict() if peaks else None,
                                "methods": [r.as_dict() for r in rows]})
 
 
-def print_table(table) -> None:
-    # A table is read whole: into a pipe or a file it is never squeezed to the 80 columns rich assumes there.
-    console = out if out.is_terminal else Console(highlight=False, width=240)
-    console.print(table)
+def table_width(wide: bool) -> int | None:
+    """Columns a table may take: none with --wide; else $COLUMNS, the terminal's width, or 80 in a pipe (where the
+    terminal a reader ends up in is unknown)."""
+    if wide:
+        return None
+    columns = os.environ.get("COLUMNS", "")
+    if columns.isdigit() and int(columns) > 0:
+        return int(columns)
+    return out.width if out.is_terminal else 80
+
+
+def print_table(table, width: int | None) -> None:
+    from .formatting import natural_width
+
+    # Its own console: `out` would squeeze a --wide table to the terminal (and wraps nothing in a pipe).
+    Console(highlight=False, width=width or natural_width(table)).print(table)
 
 
 def json_temporary(path: Path) -> Path:
@@ -424,6 +478,15 @@ def show_warning(message, category, filename, lineno, file=None, line=None) -> N
 default_showwarning = warnings.showwarning
 
 
+def quiet_stdout() -> None:
+    """Points stdout at /dev/null: what it still buffers cannot be written, and Python would report that at exit."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and a non-zero exit, never a traceback."""
     warnings.showwarning = show_warning
@@ -444,14 +507,19 @@ def main() -> None:
         fail(exc.format_message(), exc.exit_code)
     except typer.Abort:
         fail("aborted")
-    except (torch.OutOfMemoryError, MemoryError):
-        fail("out of memory: try a shorter context, a compressed --cache, a smaller --dtype, or another device")
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(130)
-    except Exception as exc:  # a bug, not the user's fault: still one line, with the way to the traceback
+    except Exception as exc:
+        if is_out_of_memory(exc):
+            fail("out of memory: try a shorter context, a compressed --cache, a smaller --dtype, or another device")
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            quiet_stdout()
+            where = f" writing {exc.filename}" if exc.filename else ""
+            fail(f"no space left on the disk{where}: free some space, or write elsewhere")
         if os.environ.get("XQINFER_DEBUG"):
             raise
+        # A bug, not the user's fault: still one line, with the way to the traceback.
         fail(f"internal error: {type(exc).__name__}: {exc} (XQINFER_DEBUG=1 shows the traceback; please report it)")
     # standalone_mode=False returns the exit code of an Exit (--help, Ctrl-C inside typer) or the command's None.
     sys.exit(code if isinstance(code, int) else 0)

@@ -14,6 +14,7 @@ from .arch import CausalLM
 from .cache import Cache, CacheSpec, make_cache, parse_spec
 from .device import peak_memory, reset_peak_memory
 from .errors import ContextError
+from .memory import CACHE_HINT, cache_needs, check_memory
 from .sampling import Sampler, SamplingParams
 
 PREFILL_CHUNK = 1024
@@ -34,14 +35,27 @@ class GenerationStats:
     cache_layer_bytes: list[int] = field(default_factory=list)
     cache_layer_normalized_sizes: list[float] = field(default_factory=list)
     reused_tokens: int = 0
+    memory_before_load_bytes: int | None = None  # CPU: the process's resident size before the model was loaded
+    cache_method: str = ""  # the full spec
+    cache_label: str = ""  # what the stats line calls it (CacheSpec.display_name): `kv fp32` for fp16 in fp32
 
     @property
-    def prefill_tokens_per_s(self) -> float:
-        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
+    def prefill_tokens_per_s(self) -> float | None:
+        """None when nothing was timed (a Ctrl-C during the prefill)."""
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds > 0 else None
 
     @property
-    def decode_tokens_per_s(self) -> float:
-        return self.decode_steps / self.decode_seconds if self.decode_seconds > 0 else 0.0
+    def decode_tokens_per_s(self) -> float | None:
+        """Decode steps after the first token per second; None without any (a single token)."""
+        return self.decode_steps / self.decode_seconds if self.decode_steps and self.decode_seconds > 0 else None
+
+    @property
+    def peak_memory_increase_bytes(self) -> int | None:
+        """CPU: the peak over the resident size before the model was loaded (the model and its run, without the
+        torch runtime); None where that size is not known (CUDA's peak already counts only tensors)."""
+        if self.memory_before_load_bytes is None:
+            return None
+        return max(self.peak_memory_bytes - self.memory_before_load_bytes, 0)
 
     def as_dict(self) -> dict:
         return {
@@ -50,6 +64,9 @@ class GenerationStats:
             "prefill_tokens_per_s": self.prefill_tokens_per_s,
             "decode_tokens_per_s": self.decode_tokens_per_s,
             "peak_memory_bytes": self.peak_memory_bytes,
+            "peak_memory_increase_bytes": self.peak_memory_increase_bytes,
+            "cache_method": self.cache_method,
+            "cache_label": self.cache_label,
             "cache_bytes": self.cache_bytes,
             "cache_normalized_size": self.cache_normalized_size,
             "cache_layer_bytes": self.cache_layer_bytes,
@@ -92,6 +109,10 @@ class Engine:
         self.max_positions = (capacity or trained) if allow_extrapolation else trained
         self.capacity = capacity or self.max_positions
         self.spec = parse_spec(cache) if isinstance(cache, str) else cache
+        sequences = f" x {batch_size} sequences" if batch_size > 1 else ""
+        dtype = model.output_weight().dtype
+        check_memory(cache_needs([self.spec], config, self.capacity, batch_size, dtype), self.device,
+                     f"a {self.spec.display_name(dtype)} cache of {self.capacity} tokens{sequences}", CACHE_HINT)
         self.cache: Cache = make_cache(self.spec, model, self.capacity, batch_size)
         self.batch_size = batch_size
         self.prefill_chunk = prefill_chunk
@@ -226,6 +247,8 @@ class Engine:
 
     def _record_memory(self, stats: GenerationStats) -> None:
         stats.peak_memory_bytes = max(stats.peak_memory_bytes, peak_memory(self.device))
+        stats.cache_method = str(self.cache.spec)
+        stats.cache_label = self.cache.spec.display_name(self.cache.dtype)
         stats.cache_bytes = self.cache.nbytes()
         stats.cache_normalized_size = accounting.normalized_size(self.cache.spec, self.cache.config, self.cache.dtype)
         stats.cache_layer_bytes = self.cache.layer_nbytes()

@@ -21,6 +21,10 @@ class ContextError(XQInferError):
     """A request needs more positions than the model or the allocated cache allows."""
 
 
+class MemoryLimitError(XQInferError):
+    """What a run needs (weights, cache, workspace) is more than the device has free: refused before allocating."""
+
+
 class SamplingError(XQInferError, ValueError):
     """A sampling setting of the wrong type or out of range (a ValueError too, for callers that catch those)."""
 

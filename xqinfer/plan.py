@@ -47,6 +47,7 @@ def parse_memory(text: str) -> int:
 @dataclass
 class PlanRow:
     method: str
+    label: str  # what tables call it (CacheSpec.display_name)
     normalized_size: float
     bytes_per_token: float
     equivalent_bits: float | None
@@ -92,6 +93,7 @@ def plan(
         floor = decode_floor(config, spec, context, batch, dtype, peaks) if peaks is not None else None
         rows.append(PlanRow(
             method=str(spec),
+            label=spec.display_name(dtype),
             normalized_size=normalized_size(spec, config, dtype),
             bytes_per_token=per_token,
             equivalent_bits=equivalent_bits(spec, config),

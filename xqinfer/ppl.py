@@ -26,6 +26,7 @@ from .accounting import bits_label, normalized_size
 from .api import LLM
 from .cache import CacheSpec, make_cache, parse_spec
 from .errors import XQInferError
+from .memory import CACHE_HINT, cache_needs, check_memory
 
 PROTOCOLS = ("sim", "stream")
 SCORINGS = ("gptq", "llama.cpp")
@@ -69,6 +70,7 @@ class MethodScore:
     spec: CacheSpec
     normalized_size: float
     bits: str
+    label: str  # what tables call it (CacheSpec.display_name)
     nll_sum: float = 0.0
     nll_squares: float = 0.0
     kld_sum: float = 0.0
@@ -121,6 +123,7 @@ class PerplexityReport:
         for score in self.scores:
             row = {
                 "spec": str(score.spec),
+                "label": score.label,
                 "bits": score.bits,
                 "normalized_size": score.normalized_size,
                 "compression": 1.0 / score.normalized_size if score.normalized_size else float("inf"),
@@ -181,12 +184,14 @@ def perplexity(
         bos = llm.tokenizer.bos_id
         if bos is not None and ids[0] == bos:  # the tokenizer adds BOS: every window starts with one
             windows = [[bos] + window[1:] for window in windows]
+    check_memory(cache_needs(parsed, llm.config, ctx, 1, llm.dtype), llm.device,
+                 f"{len(parsed)} caches of {ctx} tokens", CACHE_HINT)
     caches = [make_cache(spec, llm.model, ctx) for spec in parsed]
     for cache in caches:
         cache.simulate = protocol == "sim"
     # The caches' specs have the model-dependent options (AsymKV's lk, XQuant-KV's kq...) filled in.
     scores = [MethodScore(cache.spec, normalized_size(cache.spec, llm.config, llm.dtype),
-                          bits_label(cache.spec, llm.config)) for cache in caches]
+                          bits_label(cache.spec, llm.config), cache.spec.display_name(llm.dtype)) for cache in caches]
     report = PerplexityReport(str(dataset), llm.name, protocol, ctx, chunk, len(windows), scores, kld, scoring)
     total, done = len(windows) * len(parsed), 0
     try:

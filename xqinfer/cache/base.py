@@ -81,6 +81,10 @@ class CacheSpec:
         return self._written({k: v for k, v in self.options.items()
                               if v is not None and _value(v) != _value(defaults[k].default)})
 
+    def display_name(self, dtype: torch.dtype) -> str:
+        """What tables, stats lines and banners call this cache in a run of `dtype`: its method's choice."""
+        return REGISTRY[self.method].display_name(self, dtype)
+
     def _written(self, options: dict[str, Any]) -> str:
         if not options:
             return self.method
@@ -268,6 +272,11 @@ class Cache:
     def always_concat(self) -> bool:
         """Methods that rebuild the history attend over history ++ exact new tokens (METHODS.md section 2)."""
         return False
+
+    @classmethod
+    def display_name(cls, spec: CacheSpec, dtype: torch.dtype) -> str:
+        """The name shown for this cache: by default its label (the spec without its default options)."""
+        return spec.label()
 
     @classmethod
     def validate(cls, spec: CacheSpec) -> None:

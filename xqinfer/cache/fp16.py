@@ -1,4 +1,5 @@
-"""`fp16`: the plain KV cache in the model dtype, the baseline every compressed method is judged against."""
+"""`fp16`: the plain KV cache in the model dtype, the baseline every compressed method is judged against (shown as
+`kv DTYPE`, the dtype it stores)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import torch
 from torch import Tensor
 
 from ..attention import attend
+from ..config import dtype_name
 from ..rope import apply_rotary
 from .base import Cache, LayerCache, Step, register
 
@@ -16,6 +18,11 @@ class FP16Cache(Cache):
 
     def make_layer(self, index: int) -> LayerCache:
         return FP16LayerCache(self, index)
+
+    @classmethod
+    def display_name(cls, spec, dtype: torch.dtype) -> str:
+        # Named for what it stores, the run dtype: `kv fp32` in an fp32 run, where "fp16" would mislead.
+        return f"kv {dtype_name(dtype)}"
 
     @classmethod
     def layer_bits_per_element(cls, spec, config, index: int, dtype: torch.dtype = torch.float16) -> float:
