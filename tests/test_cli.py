@@ -383,6 +383,17 @@ def case_markup_in_a_path(tmp_path):
     return ["generate", need_stories(), "-f", tmp_path / "[/bold]" / "[red]x.txt"], ["[/bold]", "[red]x.txt"]
 
 
+def case_int8_weights(tmp_path):
+    """A quantized checkpoint's integer codes would cast to garbage weights: refused, naming the tensor."""
+    from safetensors.torch import load_file, save_file
+
+    model = copy_model(tmp_path)
+    weights = load_file(model / "model.safetensors")
+    save_file({name: (t * 50).round().clamp(-127, 127).to(torch.int8) for name, t in weights.items()},
+              model / "model.safetensors")
+    return ["generate", model, "-p", "hi"], ["is stored as I8", "float weights", "not quantized checkpoints"]
+
+
 def case_fp8(tmp_path):
     return ["generate", need_stories(), "-p", "hi", "--dtype", "fp8"], ["fp8"]
 

@@ -126,7 +126,9 @@ class SafetensorsSource:
             _check_header(path)
             with _reading(path), safe_open(str(path), framework="pt", device="cpu") as shard:
                 for name in shard.keys():
-                    self.tensors[name] = TensorInfo(tuple(shard.get_slice(name).get_shape()), path)
+                    stored = shard.get_slice(name)
+                    _check_float(path, name, stored.get_dtype())
+                    self.tensors[name] = TensorInfo(tuple(stored.get_shape()), path)
         self.view_handles: dict[Path, safe_open] = {}
         self.stack = contextlib.ExitStack()
 
@@ -150,6 +152,19 @@ class SafetensorsSource:
         path = self.tensors[name].file
         with _reading(path), safe_open(str(path), framework="pt", device="cpu") as handle:
             destination.copy_(handle.get_tensor(name))
+
+
+# What a weight may be stored as: cast to the run dtype, these are the same numbers. Integer or 8-bit float tensors
+# are the codes of a quantization scheme (bitsandbytes, GPTQ, FP8 with scales) whose dequantization is elsewhere:
+# cast as they are, they would load as garbage.
+FLOAT_TYPES = ("F64", "F32", "F16", "BF16")
+
+
+def _check_float(path: Path, name: str, stored: str) -> None:
+    if stored not in FLOAT_TYPES:
+        raise WeightsError(f"{path.name}: {name} is stored as {stored}; xqinfer reads float weights "
+                           f"({', '.join(FLOAT_TYPES)}) only, not quantized checkpoints: use the original float "
+                           "model or a GGUF file")
 
 
 @contextlib.contextmanager
