@@ -39,7 +39,9 @@ MAX_TOKENS = 20
 GREEDY = SamplingParams(temperature=0)
 PROMPT = ">>> "
 ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b\][^\x07]*\x07|\x1b[()][0-9A-Za-z]")
-STATS = re.compile(r"generated (\d+) tok.*cache holds (\d+)/(\d+) tokens, (\d+) reused from earlier turns")
+# A terminal narrower than the stats line gets it broken at a separator, so the two halves may be on two lines.
+STATS = re.compile(r"generated (\d+) tok[^\n]*?\n?[^\n]*?"
+                   r"cache holds (\d+)/(\d+) tokens, (\d+) reused from earlier turns")
 
 
 def need_stories() -> Path:
