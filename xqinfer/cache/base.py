@@ -79,7 +79,7 @@ class CacheSpec:
         """
         defaults = REGISTRY[self.method].OPTIONS
         return self._written({k: v for k, v in self.options.items()
-                              if v is not None and _value(v) != _value(defaults[k].default)})
+                              if v is not None and (k not in defaults or _value(v) != _value(defaults[k].default))})
 
     def display_name(self, dtype: torch.dtype) -> str:
         """What tables, stats lines and banners call this cache in a run of `dtype`: its method's choice."""
