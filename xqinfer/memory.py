@@ -7,7 +7,7 @@ from typing import Sequence
 
 import torch
 
-from .accounting import bytes_per_token, residual_bytes, weights_bytes, workspace_bytes
+from .accounting import bytes_per_token, weights_bytes, workspace_bytes
 from .cache import CacheSpec
 from .config import ModelConfig
 from .device import free_memory
@@ -23,10 +23,10 @@ def weights_needs(config: ModelConfig, dtype: torch.dtype) -> dict[str, int]:
 def cache_needs(
     specs: Sequence[CacheSpec], config: ModelConfig, capacity: int, batch: int, dtype: torch.dtype
 ) -> dict[str, int]:
-    """The caches at `capacity` tokens of `batch` sequences (codes, scales, zeros and the full-precision residual) and
-    a decode step's workspace there."""
-    cache = sum(batch * (capacity * bytes_per_token(spec, config, dtype) + residual_bytes(spec, config, dtype))
-                for spec in specs)
+    """The caches' codes, scales and zeros at `capacity` tokens of `batch` sequences and a decode step's workspace
+    there: what they need at least (the residual window, clamped to a short cache's capacity, aside), so that the
+    check never refuses a run that fits."""
+    cache = sum(capacity * batch * bytes_per_token(spec, config, dtype) for spec in specs)
     return {"cache": int(cache), "workspace": workspace_bytes(config, capacity, batch, dtype)}
 
 
