@@ -344,6 +344,55 @@ def plan(
                                "methods": [r.as_dict() for r in rows]})
 
 
+eval_app = typer.Typer(no_args_is_help=True, help="Task evaluations of the cache methods (pass-key retrieval).")
+app.add_typer(eval_app, name="eval")
+
+
+@eval_app.command("passkey")
+def eval_passkey(
+    model: Optional[str] = ModelArg,
+    lengths: list[str] = typer.Option(
+        [], "--length", "-l", help="Prompt length in tokens: 512, 1k, 2k (repeatable; default 512, 1k, 2k)."),
+    depths: list[float] = typer.Option(
+        [], "--depth", "-d", help="Where the key sits in the filler, 0 to 1 (repeatable; default 0.1, 0.5, 0.9)."),
+    trials: int = typer.Option(4, "--trials", "-t", help="Prompts (each with its own key) per length and depth."),
+    caches: list[str] = typer.Option(
+        [], "--cache", help="Cache method spec (repeatable); fp16 always runs as the baseline."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the keys: the same seed, the same prompts."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON to this file."),
+    preset: Optional[str] = PresetOpt,
+    dtype: Optional[str] = DtypeOpt,
+    device: Optional[str] = DeviceOpt,
+) -> None:
+    """Pass-key retrieval: can each method find a 5-digit key hidden in long filler text?"""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from .bench import parse_context
+    from .formatting import passkey_table
+    from .passkey import DEFAULT_DEPTHS, DEFAULT_LENGTHS, check_settings, passkey
+
+    length_values = [parse_context(text, "--length") for text in lengths] or list(DEFAULT_LENGTHS)
+    depth_values = depths or list(DEFAULT_DEPTHS)
+    check_settings(length_values, depth_values, trials, seed)
+    specs = parse_specs(caches)
+    check_writable(json_path)
+    llm = load_llm(model, preset, dtype, device)
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err, transient=True) as bar:
+        task = bar.add_task("pass key", total=None)
+        report = passkey(llm, specs, lengths=length_values, depths=depth_values, trials=trials, seed=seed,
+                         progress=lambda done, total: bar.update(task, completed=done, total=total))
+    if report.interrupted:
+        err.print(f"[yellow]interrupted: the table covers the {len(report.prompts)} of {report.prompts_total} "
+                  f"prompts every method answered[/yellow]")
+    print_table(passkey_table(report))
+    if json_path is not None:
+        write_json(json_path, report.as_dict())
+    if report.interrupted:
+        sys.exit(130)
+
+
 def print_table(table) -> None:
     # A table is read whole: into a pipe or a file it is never squeezed to the 80 columns rich assumes there.
     console = out if out.is_terminal else Console(highlight=False, width=240)

@@ -100,3 +100,21 @@ def plan_table(rows, model: str, memory: int, context: int, batch: int) -> Table
         cells += [f"{r.decode_floor_tokens_per_s:.1f} ({r.decode_floor_bound})"] if floors else []
         table.add_row(*cells)
     return table
+
+
+def passkey_table(report) -> Table:
+    """One row per method (fp16 first): its hit rate at each prompt length, then over every prompt."""
+    depths = ", ".join(f"{depth:g}" for depth in report.depths)
+    title = f"{report.model} | pass key | {report.trials} trial(s) at depths {depths}"
+    table = Table(title=title, title_justify="left")
+    headers = ["method", "bits", "normalized", *[f"{length} tok" for length in report.lengths], "all"]
+    for header in headers:
+        table.add_column(header, justify="left" if header == "method" else "right", no_wrap=True)
+
+    def cell(counts: dict) -> str:
+        return "-" if not counts["trials"] else f"{100 * counts['hit_rate']:.0f}% ({counts['hits']}/{counts['trials']})"
+
+    for method in report.methods:
+        table.add_row(label(str(method.spec)), method.bits, f"{method.normalized_size:.4f}",
+                      *[cell(report.hits(method, length)) for length in report.lengths], cell(report.hits(method)))
+    return table
