@@ -1,10 +1,10 @@
 """Long-context retrieval: a 5-digit pass key hidden in filler text, asked back through the chat template.
 
 Each prompt is the instruct model's chat template around one user message: an instruction, neutral filler with one
-line stating the key (the needle) at a given depth, and the question. Its length is the whole templated prompt in the model's own
-tokens, filled up to (at most) the length asked for. Every method answers exactly the same prompts, each through a
-fresh cache of its own sized for the prompt and the answer, decoded greedily; a method scores a hit when the key's
-five digits appear, in order and together, among the digits of its answer.
+line stating the key (the needle) at a given depth, and the question. Its length is the whole templated prompt in
+the model's own tokens, filled up to (at most) the length asked for. Every method answers exactly the same prompts,
+each through a fresh cache of its own sized for the prompt and the answer, decoded greedily; a method scores a hit
+when the key's five digits appear, in order and together, among the digits of its answer.
 """
 
 from __future__ import annotations
