@@ -202,6 +202,8 @@ def ppl(
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Score at most this many windows."),
     kld: bool = typer.Option(False, "--kld", help="Also report the KL divergence to fp16 per token."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON to this file."),
+    plot_path: Optional[Path] = typer.Option(
+        None, "--plot", help="Draw KLD against normalized size to this new PNG file (implies --kld)."),
     preset: Optional[str] = PresetOpt,
     dtype: Optional[str] = DtypeOpt,
     device: Optional[str] = DeviceOpt,
@@ -217,6 +219,8 @@ def ppl(
         raise XQInferError("--json would overwrite the dataset; choose another file")
     specs = parse_specs(caches)
     check_writable(json_path)
+    check_plot(plot_path)
+    kld = kld or plot_path is not None
     llm = load_llm(model, preset, dtype, device)
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TimeElapsedColumn(), TimeRemainingColumn())
@@ -232,6 +236,13 @@ def ppl(
                   markup=False)
     if json_path is not None:
         write_json(json_path, report.as_dict())
+    if plot_path is not None:
+        from .plots import kld_plot
+
+        if report.baseline.windows:
+            kld_plot(report, plot_path)
+        else:
+            err.print(f"[yellow]no complete window: {escape(str(plot_path))} not drawn[/yellow]")
     if report.interrupted:
         sys.exit(130)
 
@@ -312,6 +323,8 @@ def plan(
         None, "--bandwidth", min=0.001, help="Device copy bandwidth in GB/s (with --matmul: decode floors)."),
     matmul: Optional[float] = typer.Option(
         None, "--matmul", min=0.001, help="Device matmul rate in TFLOP/s in --dtype (with --bandwidth)."),
+    plot_path: Optional[Path] = typer.Option(
+        None, "--plot", help="Draw each method's cache memory against context to this new PNG file."),
     preset: Optional[str] = PresetOpt,
 ) -> None:
     """How much each cache method stores per token, and the largest context and batch that fit in memory."""
@@ -328,6 +341,7 @@ def plan(
         raise XQInferError("give --model or --preset, not both")
     specs = parse_specs(caches or benchmarked_specs())
     check_writable(json_path)
+    check_plot(plot_path)
     config = open_checkpoint(model).config if model else preset_config(preset or "llama-3.1-8b")
     name = model or preset or "llama-3.1-8b"
     budget, tokens = parse_memory(memory), parse_context(context)
@@ -342,6 +356,21 @@ def plan(
         write_json(json_path, {"model": name, "memory_bytes": budget, "context": tokens, "batch": batch,
                                "dtype": dtype, "peaks": peaks.as_dict() if peaks else None,
                                "methods": [r.as_dict() for r in rows]})
+    if plot_path is not None:
+        from .plots import memory_plot
+
+        memory_plot(config, specs, plot_path, memory=budget, batch=batch, dtype=torch_dtype(dtype), context=tokens,
+                    title=f"{name} | {dtype} | budget {memory}")
+
+
+def check_plot(path: Path | None) -> None:
+    """--plot: matplotlib present and the file new and writable, checked before any work."""
+    if path is None:
+        return
+    from .plots import check_plot_path, require_matplotlib
+
+    require_matplotlib()
+    check_plot_path(path)
 
 
 eval_app = typer.Typer(no_args_is_help=True, help="Task evaluations of the cache methods (pass-key retrieval).")
