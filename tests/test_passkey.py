@@ -153,6 +153,7 @@ def test_json_schema_and_table(tmp_path, monkeypatch, capsys):
     assert [m["spec"] for m in data["methods"]][0] == "fp16"
     assert data["methods"][1]["spec"].startswith("xquant-kv:kq=")  # model-dependent options resolved
     assert len(data["prompts"]) == 8
+    assert "no chat template: the prompts went through a plain transcript" in ANSI.sub("", err)
     table = ANSI.sub("", out)
     assert "300 tok" in table and "340 tok" in table and "xquant-kv" in table
 

@@ -412,6 +412,8 @@ def eval_passkey(
         task = bar.add_task("pass key", total=None)
         report = passkey(llm, specs, lengths=length_values, depths=depth_values, trials=trials, seed=seed,
                          progress=lambda done, total: bar.update(task, completed=done, total=total))
+    if not llm.tokenizer.has_chat_template:
+        err.print("[yellow]the model has no chat template: the prompts went through a plain transcript[/yellow]")
     if report.interrupted:
         err.print(f"[yellow]interrupted: the table covers the {len(report.prompts)} of {report.prompts_total} "
                   f"prompts every method answered[/yellow]")
