@@ -42,6 +42,11 @@ def residual_bytes(spec: CacheSpec, config: ModelConfig, dtype: torch.dtype) -> 
     return elements * torch.finfo(dtype).bits // 8
 
 
+def cache_bytes(spec: CacheSpec, config: ModelConfig, context: int, batch: int, dtype: torch.dtype) -> int:
+    """Bytes the cache of `batch` sequences of `context` tokens holds: codes, scales and zeros plus the residual."""
+    return int(batch * (context * bytes_per_token(spec, config, dtype) + residual_bytes(spec, config, dtype)))
+
+
 def equivalent_bits(spec: CacheSpec, config: ModelConfig) -> float | None:
     """[Y]'s convention for KV methods: code bits per K/V element, scales and zeros not counted (None: not a KV
     method, so the figure has no meaning)."""

@@ -28,14 +28,14 @@ from .roofline import Peaks, decode_floor
 WARMUP_TOKENS = 8
 
 
-def parse_context(text: str) -> int:
-    """`32k`, `32K` and `32768` are the same context; k means 1024 tokens."""
+def parse_context(text: str, option: str = "--context") -> int:
+    """`32k`, `32K` and `32768` are the same context; k means 1024 tokens (`option` names it in errors)."""
     match = re.fullmatch(r"\s*(\d+)\s*([kK]?)\s*", text)
     if not match:
-        raise XQInferError(f"--context {text!r} is not a token count (examples: 4096, 4k, 32K)")
+        raise XQInferError(f"{option} {text!r} is not a token count (examples: 4096, 4k, 32K)")
     value = int(match.group(1)) * (1024 if match.group(2) else 1)
     if value < 1:
-        raise XQInferError(f"--context {text!r} must be at least 1 token")
+        raise XQInferError(f"{option} {text!r} must be at least 1 token")
     return value
 
 

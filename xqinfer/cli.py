@@ -233,6 +233,8 @@ def ppl(
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON to this file."),
     wide: bool = WideOpt,
     threads: Optional[int] = ThreadsOpt,
+    plot_path: Optional[Path] = typer.Option(
+        None, "--plot", help="Draw KLD against normalized size to this new PNG file (implies --kld)."),
     preset: Optional[str] = PresetOpt,
     dtype: Optional[str] = DtypeOpt,
     device: Optional[str] = DeviceOpt,
@@ -249,6 +251,8 @@ def ppl(
         raise XQInferError("--json would overwrite the dataset; choose another file")
     specs = parse_specs(caches)
     check_writable(json_path)
+    check_plot(plot_path)
+    kld = kld or plot_path is not None
     llm = load_llm(model, preset, dtype, device, threads)
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TimeElapsedColumn(), TimeRemainingColumn())
@@ -265,6 +269,13 @@ def ppl(
                   markup=False)
     if json_path is not None:
         write_json(json_path, report.as_dict())
+    if plot_path is not None:
+        from .plots import kld_plot
+
+        if report.baseline.windows:
+            kld_plot(report, plot_path)
+        else:
+            err.print(f"[yellow]no complete window: {escape(str(plot_path))} not drawn[/yellow]")
     if report.interrupted:
         sys.exit(130)
 
@@ -355,6 +366,8 @@ def plan(
         None, "--matmul", min=0.001, help="Device matmul rate in TFLOP/s in --dtype (with --bandwidth)."),
     wide: bool = WideOpt,
     threads: Optional[int] = ThreadsOpt,
+    plot_path: Optional[Path] = typer.Option(
+        None, "--plot", help="Draw each method's cache memory against context to this new PNG file."),
     preset: Optional[str] = PresetOpt,
 ) -> None:
     """How much each cache method stores per token, and the largest context and batch that fit in memory."""
@@ -373,6 +386,7 @@ def plan(
         set_threads(threads)  # nothing here computes much, but the option means the same on every command
     specs = parse_specs(caches or benchmarked_specs())
     check_writable(json_path)
+    check_plot(plot_path)
     config = open_checkpoint(model).config if model else preset_config(preset or "llama-3.1-8b")
     name = model or preset or "llama-3.1-8b"
     budget, tokens = parse_memory(memory), parse_context(context)
@@ -388,6 +402,75 @@ def plan(
         write_json(json_path, {"model": name, "memory_bytes": budget, "context": tokens, "batch": batch,
                                "dtype": dtype, "peaks": peaks.as_dict() if peaks else None,
                                "methods": [r.as_dict() for r in rows]})
+    if plot_path is not None:
+        from .plots import memory_plot
+
+        memory_plot(config, specs, plot_path, memory=budget, batch=batch, dtype=torch_dtype(dtype), context=tokens,
+                    title=f"{name} | {dtype} | budget {memory}")
+
+
+def check_plot(path: Path | None) -> None:
+    """--plot: matplotlib present and the file new and writable, checked before any work."""
+    if path is None:
+        return
+    from .plots import check_plot_path, require_matplotlib
+
+    require_matplotlib()
+    check_plot_path(path)
+
+
+eval_app = typer.Typer(no_args_is_help=True, help="Task evaluations of the cache methods (pass-key retrieval).")
+app.add_typer(eval_app, name="eval")
+
+
+@eval_app.command("passkey")
+def eval_passkey(
+    model: Optional[str] = ModelArg,
+    lengths: list[str] = typer.Option(
+        [], "--length", "-l", help="Prompt length in tokens: 512, 1k, 2k (repeatable; default 512, 1k, 2k)."),
+    depths: list[float] = typer.Option(
+        [], "--depth", "-d", help="Where the key sits in the filler, 0 to 1 (repeatable; default 0.1, 0.5, 0.9)."),
+    trials: int = typer.Option(4, "--trials", "-t", help="Prompts (each with its own key) per length and depth."),
+    caches: list[str] = typer.Option(
+        [], "--cache", help="Cache method spec (repeatable); fp16 always runs as the baseline."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the keys: the same seed, the same prompts."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON to this file."),
+    preset: Optional[str] = PresetOpt,
+    dtype: Optional[str] = DtypeOpt,
+    device: Optional[str] = DeviceOpt,
+    wide: bool = WideOpt,
+    threads: Optional[int] = ThreadsOpt,
+) -> None:
+    """Pass-key retrieval: can each method find a 5-digit key hidden in long filler text?"""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from .bench import parse_context
+    from .formatting import passkey_table
+    from .passkey import DEFAULT_DEPTHS, DEFAULT_LENGTHS, check_settings, passkey
+
+    length_values = [parse_context(text, "--length") for text in lengths] or list(DEFAULT_LENGTHS)
+    depth_values = depths or list(DEFAULT_DEPTHS)
+    check_settings(length_values, depth_values, trials, seed)
+    specs = parse_specs(caches)
+    check_writable(json_path)
+    llm = load_llm(model, preset, dtype, device, threads)
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err, transient=True) as bar:
+        task = bar.add_task("pass key", total=None)
+        report = passkey(llm, specs, lengths=length_values, depths=depth_values, trials=trials, seed=seed,
+                         progress=lambda done, total: bar.update(task, completed=done, total=total))
+    if not llm.tokenizer.has_chat_template:
+        err.print("[yellow]the model has no chat template: the prompts went through a plain transcript[/yellow]")
+    if report.interrupted:
+        err.print(f"[yellow]interrupted: the table covers the {len(report.prompts)} of {report.prompts_total} "
+                  f"prompts every method answered[/yellow]")
+    width = table_width(wide)
+    print_table(passkey_table(report, llm.dtype, width), width)
+    if json_path is not None:
+        write_json(json_path, report.as_dict())
+    if report.interrupted:
+        sys.exit(130)
 
 
 def table_width(wide: bool) -> int | None:

@@ -193,3 +193,19 @@ def plan_table(rows, model: str, memory: int, context: int, batch: int, dtype: s
         row += [f"{r.decode_floor_tokens_per_s:.1f} ({r.decode_floor_bound})"] if floors else []
         cells.append(row)
     return fitted_table(title, columns, cells, width)
+
+
+def passkey_table(report, dtype, width: int | None = None) -> Table:
+    """One row per method (fp16 first): its hit rate at each prompt length, then over every prompt."""
+    depths = ", ".join(f"{depth:g}" for depth in report.depths)
+    title = f"{report.model} | pass key | {report.trials} trial(s) at depths {depths}"
+    columns = [Column("method", justify="left"), Column("bits", 2), Column("normalized", 1),
+               *[Column(f"{length} tok") for length in report.lengths], Column("all")]
+
+    def cell(counts: dict) -> str:
+        return "-" if not counts["trials"] else f"{100 * counts['hit_rate']:.0f}% ({counts['hits']}/{counts['trials']})"
+
+    rows = [[method.spec.display_name(dtype), method.bits, f"{method.normalized_size:.4f}",
+             *[cell(report.hits(method, length)) for length in report.lengths], cell(report.hits(method))]
+            for method in report.methods]
+    return fitted_table(title, columns, rows, width)

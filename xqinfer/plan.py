@@ -10,6 +10,7 @@ import torch
 
 from .accounting import (
     bytes_per_token,
+    cache_bytes,
     equivalent_bits,
     normalized_size,
     residual_bytes,
@@ -97,7 +98,7 @@ def plan(
             normalized_size=normalized_size(spec, config, dtype),
             bytes_per_token=per_token,
             equivalent_bits=equivalent_bits(spec, config),
-            cache_bytes_at_context=int(batch * per_sequence),
+            cache_bytes_at_context=cache_bytes(spec, config, context, batch, dtype),
             weights_bytes=weights,
             workspace_bytes=workspace,
             fits_at_context=reachable and weights + batch * per_sequence + workspace <= memory,

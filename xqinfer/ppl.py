@@ -63,6 +63,12 @@ def make_windows(ids: list[int], ctx: int, limit: int | None = None) -> list[lis
     return windows[:limit] if limit else windows
 
 
+def with_baseline(specs: Iterable[str | CacheSpec]) -> list[CacheSpec]:
+    """The specs parsed, `fp16` first whether given or not (and only once): what the others are compared with."""
+    parsed = [parse_spec(s) if isinstance(s, str) else s for s in specs]
+    return [parse_spec(BASELINE)] + [s for s in parsed if str(s) != BASELINE]
+
+
 @dataclass
 class MethodScore:
     """Running sums for one method; the figures are derived from them."""
@@ -174,8 +180,7 @@ def perplexity(
     limit_positions = llm.config.max_position_embeddings
     if ctx > limit_positions:
         raise XQInferError(f"--ctx {ctx} exceeds the model's {limit_positions} positions")
-    parsed = [parse_spec(s) if isinstance(s, str) else s for s in specs]
-    parsed = [parse_spec(BASELINE)] + [s for s in parsed if str(s) != BASELINE]
+    parsed = with_baseline(specs)
     ids = llm.tokenizer.encode(read_text(dataset), add_bos=True)
     windows = make_windows(ids, ctx, limit)
     first = 0

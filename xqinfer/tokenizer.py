@@ -196,6 +196,12 @@ class Tokenizer:
         """Token ids of text; add_bos=True adds what the tokenizer's post-processor adds (BOS for Llama/Mistral)."""
         return self._tok.encode(text, add_special_tokens=add_bos).ids
 
+    def token_at(self, text: str, index: int, add_bos: bool = True) -> int:
+        """The position, in `encode(text, add_bos)`, of the token that holds character `index` of text."""
+        encoding = self._tok.encode(text, add_special_tokens=add_bos)
+        # An added BOS holds no character of the text: its span is empty.
+        return next(i for i, (start, end) in enumerate(encoding.offsets) if start < end and end > index)
+
     def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
         """Text of ids; special tokens (BOS, EOS, reserved) are dropped unless skip_special is False."""
         return self._tok.decode(list(ids), skip_special_tokens=skip_special)
