@@ -37,7 +37,8 @@ TURNS = ("Once upon a time", "The little dog")
 MAX_TOKENS = 20
 GREEDY = SamplingParams(temperature=0)
 ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b\][^\x07]*\x07|\x1b[()][0-9A-Za-z]")
-STATS = re.compile(r"generated (\d+) tok.*cache holds (\d+)/(\d+) tokens, (\d+) reused from earlier turns")
+# [\s\S]: on a terminal the stats line breaks at its separators to the terminal's width.
+STATS = re.compile(r"generated (\d+) tok[\s\S]*?cache holds (\d+)/(\d+) tokens, (\d+) reused from earlier turns")
 
 
 def need_stories() -> Path:

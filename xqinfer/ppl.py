@@ -188,7 +188,7 @@ def perplexity(
     parsed = [parse_spec(BASELINE)] + [s for s in parsed if str(s) != BASELINE]
     windows = make_windows(llm.tokenizer.encode(read_text(dataset), add_bos=True), ctx, limit)
     check_memory(cache_needs(parsed, llm.config, ctx, 1, llm.dtype), llm.device,
-                 f"{len(parsed)} caches of {ctx} tokens", CACHE_HINT)
+                 lambda: f"{len(parsed)} caches of {ctx} tokens", CACHE_HINT)
     caches = [make_cache(spec, llm.model, ctx) for spec in parsed]
     for cache in caches:
         cache.simulate = protocol == "sim"
