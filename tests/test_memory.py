@@ -68,14 +68,14 @@ def free_is(monkeypatch, size: int | None) -> None:
 
 def test_check_memory_names_what_is_needed_and_what_is_free(monkeypatch):
     free_is(monkeypatch, 3 * GIB)
-    check_memory({"weights": 2 * GIB, "workspace": GIB}, torch.device("cpu"), "m", CACHE_HINT)  # exactly fits
+    check_memory({"weights": 2 * GIB, "workspace": GIB}, torch.device("cpu"), lambda: "m", CACHE_HINT)  # fits
     with pytest.raises(MemoryLimitError) as refused:
-        check_memory({"weights": 2 * GIB, "workspace": GIB + 1}, torch.device("cpu"), "model x", CACHE_HINT)
+        check_memory({"weights": 2 * GIB, "workspace": GIB + 1}, torch.device("cpu"), lambda: "model x", CACHE_HINT)
     message = str(refused.value)
     assert message.startswith("not enough memory: model x needs at least 3.00 GiB (weights 2.00 GiB, workspace ")
     assert "the CPU has 3.00 GiB free" in message and CACHE_HINT in message
     free_is(monkeypatch, None)  # unknown: run, and let the allocator say
-    check_memory({"weights": 1 << 60}, torch.device("cpu"), "m", CACHE_HINT)
+    check_memory({"weights": 1 << 60}, torch.device("cpu"), lambda: "m", CACHE_HINT)
 
 
 def test_an_engine_is_refused_before_its_cache_is_allocated(monkeypatch):

@@ -69,7 +69,7 @@ def load(
     if preset is not None:
         config = preset_config(preset)
         torch_dtype = pick_dtype(dtype, target)
-        check_memory(weights_needs(config, torch_dtype), target, f"{preset} in {dtype_name(torch_dtype)}",
+        check_memory(weights_needs(config, torch_dtype), target, lambda: f"{preset} in {dtype_name(torch_dtype)}",
                      WEIGHTS_HINT)
         weights = random_model(config, torch_dtype, target, seed=seed)
         tokenizer = Tokenizer.byte_level(config.vocab_size)
@@ -79,7 +79,7 @@ def load(
     name = str(model) if model is not None else DEFAULT_MODEL_NAME
     checkpoint = open_checkpoint(model if model is not None else default_model())
     torch_dtype = pick_dtype(dtype, target)  # checked before the weights are read
-    check_memory(weights_needs(checkpoint.config, torch_dtype), target, f"{name} in {dtype_name(torch_dtype)}",
+    check_memory(weights_needs(checkpoint.config, torch_dtype), target, lambda: f"{name} in {dtype_name(torch_dtype)}",
                  WEIGHTS_HINT)
     tokenizer = checkpoint.tokenizer()
     weights = load_checkpoint(checkpoint, torch_dtype, target)

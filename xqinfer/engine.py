@@ -112,7 +112,8 @@ class Engine:
         sequences = f" x {batch_size} sequences" if batch_size > 1 else ""
         dtype = model.output_weight().dtype
         check_memory(cache_needs([self.spec], config, self.capacity, batch_size, dtype), self.device,
-                     f"a {self.spec.display_name(dtype)} cache of {self.capacity} tokens{sequences}", CACHE_HINT)
+                     lambda: f"a {self.spec.display_name(dtype)} cache of {self.capacity} tokens{sequences}",
+                     CACHE_HINT)
         self.cache: Cache = make_cache(self.spec, model, self.capacity, batch_size)
         self.batch_size = batch_size
         self.prefill_chunk = prefill_chunk

@@ -3,7 +3,7 @@ allocated: a run that cannot fit is refused in a line, not after minutes of buil
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -34,9 +34,9 @@ WEIGHTS_HINT = "a smaller --dtype, a smaller model or another device"
 CACHE_HINT = "a compressed --cache, a shorter context or a smaller batch"
 
 
-def check_memory(needs: dict[str, int], device: torch.device, what: str, hint: str) -> None:
-    """Raises MemoryLimitError, naming what is needed, what is free and `hint` (what to try), when `needs` exceeds
-    the device's free memory; does nothing where that cannot be read."""
+def check_memory(needs: dict[str, int], device: torch.device, what: Callable[[], str], hint: str) -> None:
+    """Raises MemoryLimitError, naming `what()` needs it, what is free and `hint` (what to try), when `needs`
+    exceeds the device's free memory; does nothing where that cannot be read. `what` is only asked for then."""
     from .formatting import human_bytes
 
     free = free_memory(device)
@@ -45,5 +45,5 @@ def check_memory(needs: dict[str, int], device: torch.device, what: str, hint: s
         return
     parts = ", ".join(f"{name} {human_bytes(size)}" for name, size in needs.items())
     where = "the CPU has" if device.type == "cpu" else f"{device} has"
-    raise MemoryLimitError(f"not enough memory: {what} needs at least {human_bytes(total)} ({parts}); {where} "
+    raise MemoryLimitError(f"not enough memory: {what()} needs at least {human_bytes(total)} ({parts}); {where} "
                            f"{human_bytes(free)} free (try {hint})")

@@ -190,7 +190,7 @@ def perplexity(
         if bos is not None and ids[0] == bos:  # the tokenizer adds BOS: every window starts with one
             windows = [[bos] + window[1:] for window in windows]
     check_memory(cache_needs(parsed, llm.config, ctx, 1, llm.dtype), llm.device,
-                 f"{len(parsed)} caches of {ctx} tokens", CACHE_HINT)
+                 lambda: f"{len(parsed)} caches of {ctx} tokens", CACHE_HINT)
     caches = [make_cache(spec, llm.model, ctx) for spec in parsed]
     for cache in caches:
         cache.simulate = protocol == "sim"
