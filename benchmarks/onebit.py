@@ -125,7 +125,7 @@ class Run:
         config = llm.config
         self.label = str(cache.spec)
         self.bits = type(cache).code_bits(cache.spec, config)
-        self.score = MethodScore(cache.spec, 0.0, "")
+        self.score = MethodScore(cache.spec, 0.0, "", self.label)
         names = [n for e in ERRORS for n in (e, e + " err")] + ["k match", "k codes", "v match", "v codes"]
         self.sums = [dict.fromkeys(names, 0.0) for _ in cache.layers]
         if record_errors or is_baseline:
