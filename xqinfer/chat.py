@@ -10,9 +10,10 @@ from rich.markup import escape
 
 from . import api
 from .cache import CacheSpec, parse_spec
-from .chat_file import SavedChat, is_text, read_saved_chat, write_new_file
+from .chat_file import SavedChat, is_text, read_saved_chat
 from .chat_input import open_reader, unwrap_block
-from .errors import XQInferError
+from .errors import XQInferError, one_line
+from .files import write_new_file
 from .formatting import fit_line, stats_line, terminal_width
 from .sampling import SamplingParams
 
@@ -184,7 +185,7 @@ class ChatREPL:
         saved = SavedChat(model=self.llm.name, cache=str(engine.spec), context=engine.capacity,
                           max_tokens=self.max_tokens, sampling=asdict(self.sampling), messages=self.session.messages)
         try:
-            write_new_file(path, saved.to_json())
+            write_new_file(path, lambda handle: handle.write(saved.to_json().encode("utf-8")))
         except XQInferError as exc:
             self.err.print(escape(one_line(exc)))
             return
@@ -233,10 +234,6 @@ def same_cache(saved: str, running: CacheSpec) -> bool:
         return parse_spec(saved) == running
     except XQInferError:
         return False
-
-
-def one_line(text: object) -> str:
-    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
 
 
 def stats_summary(session: api.Session) -> str:

@@ -43,23 +43,6 @@ def is_text(text: str) -> bool:
     return True
 
 
-def write_new_file(path: Path, text: str) -> None:
-    """Writes text to a file that does not exist yet; raises XQInferError rather than touch an existing one."""
-    try:
-        # Mode "x" creates the file or fails: an existing file is never touched, even one made a moment ago.
-        handle = path.open("x", encoding="utf-8")
-    except FileExistsError:
-        raise XQInferError(f"{path} already exists: choose another name (xqinfer never overwrites a file)") from None
-    except OSError as exc:
-        raise XQInferError(f"cannot write {path}: {exc.strerror or exc}") from None
-    try:
-        with handle:
-            handle.write(text)
-    except OSError as exc:
-        path.unlink(missing_ok=True)  # the half-written file is the one just created here, never the user's
-        raise XQInferError(f"cannot write {path}: {exc.strerror or exc}") from None
-
-
 def read_saved_chat(path: Path) -> SavedChat:
     """The chat a /save file holds, checked throughout; raises XQInferError with one line saying what is wrong."""
     try:

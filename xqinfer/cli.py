@@ -18,7 +18,7 @@ from rich.markup import escape
 from . import api
 from .cache import CacheSpec, benchmarked_specs, parse_spec
 from .device import is_out_of_memory, pick_device, set_default_threads, set_threads
-from .errors import XQInferError, XQInferWarning
+from .errors import XQInferError, XQInferWarning, one_line
 from .formatting import fit_line, stats_line, terminal_width
 from .sampling import SamplingParams
 
@@ -537,11 +537,6 @@ def finite(value):
     if isinstance(value, list):
         return [finite(item) for item in value]
     return value
-
-
-def one_line(text: object) -> str:
-    """A message on one line: the CLI's errors are always a single line on stderr."""
-    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
 
 
 def fail(message: object, code: int = 1) -> NoReturn:

@@ -1,6 +1,11 @@
 """The one exception type users see: the CLI prints its message on one line and exits non-zero."""
 
 
+def one_line(text: object) -> str:
+    """A message on one line: the CLI's errors and warnings are always a single line on stderr."""
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
 class XQInferError(Exception):
     """An error caused by the user's input or environment, with a message that says what to do."""
 

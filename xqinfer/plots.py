@@ -16,6 +16,7 @@ from .accounting import cache_bytes, weights_bytes
 from .cache import CacheSpec, parse_spec
 from .config import ModelConfig
 from .errors import XQInferError
+from .files import write_new_file
 
 INSTALL = "pip install 'xqinfer[plot]'"
 DPI = 100
@@ -99,7 +100,7 @@ def kld_plot(report, path: Path) -> None:
     axes.grid(True, which="both", alpha=0.3)
     if len(front) > 1:
         axes.legend(loc="upper right", fontsize=8)
-    _save(figure, path)
+    write_new_file(path, lambda handle: figure.savefig(handle, format="png", dpi=DPI))
 
 
 def memory_plot(
@@ -139,7 +140,7 @@ def memory_plot(
     axes.set_title(title, fontsize=10)
     axes.grid(True, which="both", alpha=0.3)
     axes.legend(loc="upper left", fontsize=8)
-    _save(figure, path)
+    write_new_file(path, lambda handle: figure.savefig(handle, format="png", dpi=DPI))
 
 
 def _tokens(count: int) -> str:
@@ -153,21 +154,3 @@ def _figure():
     figure = Figure(figsize=(WIDTH / DPI, HEIGHT / DPI), dpi=DPI, layout="constrained")
     FigureCanvasAgg(figure)
     return figure, figure.add_subplot()
-
-
-def _save(figure, path: Path) -> None:
-    """Writes a file that does not exist yet ("x": not even one made since the check); a failed write is removed."""
-    try:
-        handle = path.open("xb")
-    except FileExistsError:
-        raise XQInferError(f"{path} already exists: choose another name (xqinfer never overwrites a file)") from None
-    except OSError as exc:
-        raise XQInferError(f"cannot write {path}: {exc.strerror or exc}") from None
-    try:
-        with handle:
-            figure.savefig(handle, format="png", dpi=DPI)
-    except BaseException as exc:
-        path.unlink(missing_ok=True)  # the half-written file is the one just created here, never the user's
-        if isinstance(exc, OSError):
-            raise XQInferError(f"cannot write {path}: {exc.strerror or exc}") from None
-        raise

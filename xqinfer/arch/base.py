@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..attention import KVProjection
 from ..config import ModelConfig
 from ..rope import Rotary
 
@@ -30,6 +31,8 @@ class CausalLM(Protocol):
     def layers(self) -> nn.ModuleList: ...
 
     def output_weight(self) -> Tensor: ...
+
+    def kv_projections(self) -> list[KVProjection]: ...
 
     def parameters(self) -> Iterator[nn.Parameter]: ...
 
