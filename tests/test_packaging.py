@@ -1,4 +1,4 @@
-"""What a wheel carries: the package and the architecture presets of models/, which `--preset` reads."""
+"""What a wheel carries: the package (the CPU kernel's C source too) and the presets `--preset` reads."""
 
 from __future__ import annotations
 
@@ -30,3 +30,4 @@ def test_the_wheel_ships_every_preset(tmp_path):
     shipped = sorted(Path(n).name for n in names if "/share/xqinfer/models/" in n)
     assert shipped == sorted(p.name for p in (REPO / "models").glob("*.json"))
     assert any(n == "xqinfer/cache/xquant.py" for n in names)
+    assert "xqinfer/kernels/kv_attention.c" in names  # the CPU kernel's source, compiled on first use

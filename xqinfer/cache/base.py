@@ -23,6 +23,8 @@ from ..errors import CacheSpecError, XQInferWarning
 from ..rope import Rotary
 
 EMPTY_SLOT = -1
+# The key of `Step.shared` under which a CPU step keeps its first position as a Python int (absent elsewhere).
+FIRST_POSITION = ("host: first position",)
 
 
 @dataclass(frozen=True)
@@ -229,6 +231,9 @@ class Cache:
         self.residual: int | None = self.fit_residual(spec)
         self.rotary: Rotary = projections[0].rotary
         self.slot_positions = torch.full((self.capacity,), EMPTY_SLOT, dtype=torch.long, device=self.device)
+        # A CPU step is never captured in a graph: it may read a position on the host and call a kernel outside
+        # torch (kv_decode). False keeps every step capturable, as on CUDA (tests/test_capture.py checks that path).
+        self.host_steps = self.device.type == "cpu"
         self.step: Step | None = None  # the forward in progress, between begin and end
         # The papers' `sim` protocol: the new tokens, too, are attended through their quantized form.
         self.simulate = False
@@ -315,6 +320,9 @@ class Cache:
         mask = attention_mask(positions, key_positions, self.window)
         self.step = Step(positions, positions[0], slots, concat, span, stored_positions, stored_length,
                          key_positions, mask, *rope, self.rotary, self.dtype)
+        if self.host_steps:
+            # Read on the host for free: streams skip work a step would discard.
+            self.step.shared[FIRST_POSITION] = int(positions[0])
         self._updated_slots = updated
         return self.step
 
@@ -334,7 +342,7 @@ class Cache:
             layer.reset()
 
     def decode_path(self) -> str:
-        """How the last decode step attended: "torch" or "triton" in every layer, else "mixed"."""
+        """How the last decode step attended: the same path ("torch", "triton", "cpu") in every layer, else "mixed"."""
         paths = {layer.decode_path for layer in self.layers}
         return paths.pop() if len(paths) == 1 else "mixed"
 
@@ -385,13 +393,14 @@ class LayerCache:
         self.parent = parent
         self.index = index
         self.projection: KVProjection = parent.projections[index]
-        # How the last single-token step attended: "torch", or "triton" where a method ran a fused kernel. Set
-        # while the step is traced (also under CUDA-graph capture), so it describes what a replay runs.
+        # How the last single-token step attended: "torch", or the kernel a method ran ("triton" on CUDA, "cpu"
+        # for the C kernel). Set while the step is traced (also under CUDA-graph capture), so it describes what a
+        # replay runs.
         self.decode_path = "torch"
 
-    def note_decode_path(self, step: Step, fused: bool) -> None:
+    def note_decode_path(self, step: Step, path: str) -> None:
         if step.positions.shape[0] == 1:
-            self.decode_path = "triton" if fused else "torch"
+            self.decode_path = path
 
     def attend(self, step: Step, x: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """Stores the step's new tokens and attends: x [B, T, d] the layer's post-norm input, q [B, H, T, D]

@@ -3,12 +3,16 @@
 
 from __future__ import annotations
 
+from functools import cached_property
+
 import torch
 from torch import Tensor
 
 from ..attention import attend
 from ..config import dtype_name
+from ..kernels.cpu import PLAIN, StreamArrays
 from ..rope import apply_rotary
+from . import kv_decode
 from .base import Cache, LayerCache, Step, register
 
 
@@ -18,6 +22,11 @@ class FP16Cache(Cache):
 
     def make_layer(self, index: int) -> LayerCache:
         return FP16LayerCache(self, index)
+
+    @cached_property
+    def kernel_unusable(self) -> str | None:
+        """Why decode steps keep torch's attention instead of the CPU kernel (None: they take the kernel)."""
+        return kv_decode.unusable(self, {PLAIN})
 
     @classmethod
     def display_name(cls, spec, dtype: torch.dtype) -> str:
@@ -54,9 +63,14 @@ class FP16LayerCache(LayerCache):
         tail = step.slots.shape[0]
         self.keys.index_copy_(2, step.slots, k[:, :, -tail:])
         self.values.index_copy_(2, step.slots, v[:, :, -tail:])
-        if not step.concat:
-            out = attend(q, keys, values, step.mask, scale)
-        return out
+        if step.concat:
+            return out
+        kernel = step.positions.shape[0] == 1 and self.parent.kernel_unusable is None
+        self.note_decode_path(step, "cpu" if kernel else "torch")
+        if kernel:
+            # Faster than torch's attention for one query on a CPU (a flash kernel's tiling does not pay there).
+            return kv_decode.attend(q, StreamArrays.plain(self.keys), StreamArrays.plain(self.values), step, scale)
+        return attend(q, keys, values, step.mask, scale)
 
     def tensors(self) -> list[Tensor]:
         return [self.keys, self.values]

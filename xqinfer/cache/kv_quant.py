@@ -4,11 +4,14 @@
 
 from __future__ import annotations
 
+from functools import cached_property
+
 import torch
 from torch import Tensor
 
 from ..attention import attend
 from ..rope import apply_rotary
+from . import kv_decode
 from .base import Cache, CacheSpec, LayerCache, Step, refuse
 from .stream import FULL_PRECISION, QuantStream, stored_bits
 
@@ -53,6 +56,14 @@ class KVQuantCache(Cache):
 
     def capacity_multiple(self) -> int:
         return self.spec.options["group"]
+
+    @cached_property
+    def kernel_unusable(self) -> str | None:
+        """Why decode steps keep the torch path instead of the CPU kernel (None: they take the kernel)."""
+        if self.prerope:
+            return "prerope=1 rotates the keys after dequantizing them"
+        widths = {bits for layer in self.layers for bits in (layer.keys.bits, layer.values.bits)}
+        return kv_decode.unusable(self, widths)
 
     def make_layer(self, index: int) -> LayerCache:
         return KVQuantLayer(self, index)
@@ -108,6 +119,14 @@ class KVQuantLayer(LayerCache):
         prerope, positions = self.parent.prerope, step.positions
         k_rotated = apply_rotary(k, step.cos, step.sin)
         stored_k = k if prerope else k_rotated
+        kernel = positions.shape[0] == 1 and not step.concat and self.parent.kernel_unusable is None
+        self.note_decode_path(step, "cpu" if kernel else "torch")
+        if kernel:
+            # CPU decode: attention straight from the codes, the history never dequantized into memory.
+            self.keys.write(stored_k, positions, step.shared)
+            self.values.write(v, positions, step.shared)
+            keys, values = kv_decode.stream_arrays(self.keys, step), kv_decode.stream_arrays(self.values, step)
+            return kv_decode.attend(q, keys, values, step, self.projection.scale)
 
         def write() -> None:
             self.keys.write(stored_k, positions, step.shared)

@@ -22,7 +22,8 @@ no allocation that depends on the length, so a decode step can be captured in a 
 A decode step runs this for every layer, so every op counts (each is a kernel launch on a GPU, even in a graph):
 constants (pack shifts, group offsets) are made once per stream, and index work that depends only on the step's
 positions (slots, ring rows, which slots are read from the ring) can be shared by every stream of the step
-through the `shared` dict of `read` and `write` (a `Step.shared`).
+through the `shared` dict of `read` and `write` (a `Step.shared`). On a CPU that dict also holds the step's first
+position as a Python int (`base.FIRST_POSITION`), which lets a decode step skip quantizing a group that does not close.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from torch import Tensor
 
 from .. import quant
 from ..errors import CacheSpecError
+from .base import FIRST_POSITION
 
 FULL_PRECISION = 16  # test-only width: store values as they are (exactness checks with quantization off)
 
@@ -247,6 +249,9 @@ class QuantStream:
         keep what they hold until then. The ring holds the whole group since it is a multiple of the group size.
         """
         g = self.group
+        first = shared.get(FIRST_POSITION) if shared is not None else None
+        if first is not None and (first + 1) % g:
+            return  # known on the host (a CPU step): the token does not close its group, nothing would be stored
         ring_group, token_slots, group_slot, closes = _once(
             shared, ("write: closing group", g, self.ring_size, self.capacity), lambda: self._closing_group(positions)
         )

@@ -98,7 +98,7 @@ class XQuantMHALayer(LayerCache):
     def attend(self, step: Step, x: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         p, absorb, positions = self.projection, self.parent.spec.options["absorb"], step.positions
         fused = mha_fusable(self, q, step) is None
-        self.note_decode_path(step, fused)
+        self.note_decode_path(step, "triton" if fused else "torch")
         if fused:
             # CUDA decode: the fused kernel dequantizes, rebuilds and attends without materializing the history.
             self.x.write(x, positions, step.shared)
@@ -143,7 +143,7 @@ class XQuantGQALayer(LayerCache):
     def attend(self, step: Step, x: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         p, positions = self.projection, step.positions
         fused = gqa_fusable(self, q, step) is None
-        self.note_decode_path(step, fused)
+        self.note_decode_path(step, "triton" if fused else "torch")
         if fused:
             self._write(x @ self.uk, x @ self.uv, positions, step.shared)
             return gqa_decode(self, q, step)

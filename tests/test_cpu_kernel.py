@@ -1,0 +1,124 @@
+"""The CPU decode kernel (kernels/kv_attention.c) against the torch path of KVQuantLayer, its reference.
+
+Every decode step of every layer is run both ways from the same cache state: the torch path first (then the state
+is put back), the kernel second, and their attention outputs must agree to float32 rounding. Comparing whole runs
+instead would not work: a 1e-6 difference in a hidden state can flip a quantization code of the next token.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from xqinfer.cache import kv_quant
+from xqinfer.config import ModelConfig
+from xqinfer.engine import Engine
+from xqinfer.kernels import cpu
+from xqinfer.loader import random_model
+
+pytestmark = pytest.mark.skipif(cpu.unavailable() is not None, reason=f"CPU kernel: {cpu.unavailable()}")
+
+LLAMA = {
+    "architectures": ["LlamaForCausalLM"], "hidden_size": 96, "intermediate_size": 128, "num_hidden_layers": 4,
+    "num_attention_heads": 6, "num_key_value_heads": 2, "head_dim": 64, "vocab_size": 300,
+    "max_position_embeddings": 1024,
+}
+MISTRAL = {**LLAMA, "architectures": ["MistralForCausalLM"], "sliding_window": 96}
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return random_model(ModelConfig.from_dict(LLAMA), torch.float32, "cpu", seed=5)
+
+
+def run_both_ways(model, spec: str, prompt: int, steps: int, batch: int = 1, capacity: int = 512) -> list[float]:
+    """Largest |kernel - torch| of each decode-step attention output, relative to the output's scale."""
+    engine = Engine(model, spec, capacity=capacity, batch_size=batch, cuda_graph=False)
+    attend = kv_quant.KVQuantLayer.attend
+    errors = []
+
+    def both(layer, step, x, q, k, v):
+        if step.positions.shape[0] != 1:
+            return attend(layer, step, x, q, k, v)
+        saved = [t.clone() for t in layer.tensors()]
+        layer.parent.kernel_unusable = "the reference"
+        reference = attend(layer, step, x, q, k, v)
+        assert layer.decode_path == "torch"
+        for tensor, before in zip(layer.tensors(), saved):
+            tensor.copy_(before)
+        del layer.parent.kernel_unusable  # back to the cached answer: the kernel
+        out = attend(layer, step, x, q, k, v)
+        assert layer.decode_path == "cpu"
+        errors.append(((out - reference).abs().max() / reference.abs().max()).item())
+        return reference
+
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (prompt,), generator=generator).tolist()
+    kv_quant.KVQuantLayer.attend = both
+    try:
+        with torch.inference_mode():
+            token = engine.prefill(ids).argmax(-1)
+            for _ in range(steps):
+                token = engine.decode(token, int(token[0])).argmax(-1)
+    finally:
+        kv_quant.KVQuantLayer.attend = attend
+    assert len(errors) == steps * model.config.num_layers
+    return errors
+
+
+@pytest.mark.parametrize("spec", [
+    "kivi:bits=2", "kivi:bits=4", "kivi:bits=8",
+    "kivi:bits=2,residual=0",  # no value ring; keys read the open group from theirs
+    "kivi:bits=2,residual=32",  # the residual window moves past quantized tokens during the steps
+    "kivi:bits=4,group=48,residual=96",  # ragged value groups: 48 + 16 channels of a 64-wide head
+    "asymkv",  # 1-bit values
+    "xquant-kv",  # 1-bit codes, calibration and codes shared across layers
+    "xquant-kv:kq=4,vq=0,km=3,vm=1",
+])
+def test_kernel_equals_the_torch_path(llama, spec):
+    errors = run_both_ways(llama, spec, prompt=150, steps=40)
+    assert max(errors) < 1e-5, f"{spec}: worst relative error {max(errors):.3g}"
+
+
+def test_kernel_with_two_sequences(llama):
+    assert max(run_both_ways(llama, "kivi:bits=2,residual=32", prompt=70, steps=20, batch=2)) < 1e-5
+
+
+def test_kernel_over_a_sliding_window_ring():
+    model = random_model(ModelConfig.from_dict(MISTRAL), torch.float32, "cpu", seed=6)
+    # Positions run past the window and the ring wraps during the decode steps.
+    assert max(run_both_ways(model, "kivi:bits=2,residual=32", prompt=120, steps=60, capacity=400)) < 1e-5
+
+
+@pytest.mark.parametrize("spec, reason", [
+    ("kivi:bits=3", "the CPU kernel reads 1, 2, 4, 8-bit codes"),
+    ("kivi:bits=2,prerope=1", "prerope=1 rotates the keys after dequantizing them"),
+])
+def test_what_the_kernel_leaves_to_torch(llama, spec, reason):
+    engine = Engine(llama, spec, capacity=256, cuda_graph=False)
+    assert engine.cache.kernel_unusable == reason
+    with torch.inference_mode():
+        token = engine.prefill(list(range(40))).argmax(-1)
+        engine.decode(token, int(token[0]))
+    assert engine.cache.decode_path() == "torch"
+
+
+def test_the_kernel_can_be_turned_off(monkeypatch):
+    monkeypatch.setenv("XQINFER_CPU_KERNELS", "0")
+    cpu._library.cache_clear()
+    try:
+        assert cpu.unavailable() == "XQINFER_CPU_KERNELS=0"
+    finally:
+        monkeypatch.undo()
+        cpu._library.cache_clear()
+    assert cpu.unavailable() is None
+
+
+def test_no_compiler_means_the_torch_path(monkeypatch, tmp_path):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    cpu._library.cache_clear()
+    try:
+        assert "no C compiler" in cpu.unavailable()
+    finally:
+        monkeypatch.undo()
+        cpu._library.cache_clear()

@@ -1,0 +1,50 @@
+"""Decode steps through the CPU kernel (`kernels/cpu.py`): the glue that turns a layer's K and V storage (two
+QuantStreams of `kivi`, `asymkv` and `xquant-kv`, or the plain buffers of `fp16`) into the kernel's arrays. The torch
+path of each layer's `attend` is the kernel's reference."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import quant
+from ..kernels import cpu
+from .base import Cache, Step
+from .stream import QuantStream
+
+
+def unusable(cache: Cache, widths: set[int]) -> str | None:
+    """Why the decode steps of `cache`, whose K and V are stored `widths` bits wide, cannot run the CPU kernel
+    (None: they can). One answer for all layers, since a layer that shares codes reads its partner's buffer."""
+    if not cache.host_steps:
+        return "the CPU kernel runs in CPU steps only (never captured in a graph)"
+    if cache.config.head_dim > cpu.MAX_DIM:
+        return f"head_dim {cache.config.head_dim} is above the CPU kernel's {cpu.MAX_DIM}"
+    if not widths <= {*cpu.BITS, cpu.PLAIN}:
+        return f"the CPU kernel reads {', '.join(map(str, cpu.BITS))}-bit codes"
+    if cpu.PLAIN in widths and cache.dtype != torch.float32:
+        return "the CPU kernel reads plain K and V in float32 only"
+    return cpu.unavailable()
+
+
+def stream_arrays(stream: QuantStream, step: Step) -> cpu.StreamArrays:
+    """Slots [0, span) of `stream` as the kernel reads them, after this step's write."""
+    owner = stream
+    while owner.codes is None:  # shared codes (XQuant-KV): the buffer of the layer that stores them
+        owner = owner.codes_from
+    params = step.span if stream.axis == "token" else step.span // stream.group
+    scale, zero = quant.calibrated_params(stream.scale[..., :params, :], stream.zero[..., :params, :], stream.bits,
+                                          stream.eta)
+    if not stream.ring_size:
+        return cpu.StreamArrays(owner.codes, stream.bits, stream.group, scale, zero)
+    recent, rows = stream.ring_reads(step.stored_length, step.stored_positions, step.shared)
+    return cpu.StreamArrays(owner.codes, stream.bits, stream.group, scale, zero, recent, rows, stream.ring.float())
+
+
+def attend(q: Tensor, keys: cpu.StreamArrays, values: cpu.StreamArrays, step: Step, scale: float) -> Tensor:
+    """Attention output [B, H, 1, D] of one decode step over what the layer holds after storing its token."""
+    batch, heads, length, dim = q.shape
+    kv_heads = keys.codes.shape[1]
+    grouped = (q.float() * scale).reshape(batch, kv_heads, heads // kv_heads * length, dim)
+    out = cpu.kv_decode_attention(grouped, keys, values, step.mask[0])
+    return out.view(batch, heads, length, dim).to(q.dtype)

@@ -1,0 +1,226 @@
+/* One decode step of attention straight from a KIVI-layout cache (per-channel keys, per-token values), on a CPU.
+ *
+ * Never writes the dequantized history: each cached row is unpacked and dequantized into a buffer of head_dim
+ * floats that stays in L1, used, and dropped. Rows read in full precision (the residual window) come from the
+ * stream's ring instead; slots the mask excludes are skipped, so the empty part of a span bucket costs nothing.
+ *
+ * Shapes (BH = batch * kv_heads, each with its own stride; R = query rows per KV head, D = head_dim, N = span):
+ *   q [BH, R, D] float32, already multiplied by the softmax scale
+ *   keys: codes [BH][N][kbytes] uint8; scale, zero [BH][N / kgroup][D] float32 (calibrated); ring [BH][kring][D]
+ *         (bits = 32: the rows themselves, float32, for a plain KV cache; no scale, zero or ring)
+ *   values: codes [BH][N][vbytes] uint8; scale, zero [BH][N][vgroups] float32 (group c / vgroup); ring [BH][vring][D]
+ *   recent [N] uint8 (1: read from the ring, at row rows[n]), per stream; NULL when no slot is
+ *   allowed [N] uint8: the mask of the one query position (every row of a KV head shares it)
+ *   out [BH, R, D] float32
+ * Work is split over threads by (BH, token block): scores, then softmax per row, then the weighted sum of values
+ * with one accumulator per thread, summed at the end.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+static inline int thread_index(void) { return omp_get_thread_num(); }
+#else
+static inline int thread_index(void) { return 0; }
+#endif
+
+#define BLOCK 256
+#define MAX_DIM 512
+
+typedef struct {
+    const uint8_t *codes;
+    int64_t code_stride;   /* bytes between BH rows of codes */
+    int64_t row_bytes;     /* bytes of one token's codes */
+    int bits;
+    int64_t group;         /* keys: tokens per group; values: channels per group */
+    int64_t groups;        /* values: groups per token (ceil(D / group)) */
+    const float *scale, *zero;
+    int64_t param_stride;  /* floats between BH rows of scale/zero */
+    const uint8_t *recent; /* NULL: nothing read from the ring */
+    const int64_t *rows;
+    const float *ring;
+    int64_t ring_stride;   /* floats between BH rows of the ring */
+} stream_t;
+
+/* e^x for x <= 0, within 2 ulp of expf: Cody-Waite reduction to 2^k e^r, |r| <= ln2 / 2, and Cephes' degree-6
+ * polynomial for e^r. Unlike libm's expf it vectorizes, and the softmax of a long history is mostly exponentials. */
+static inline float exp_nonpositive(float x) {
+    x = x < -87.f ? -87.f : x;
+    const float k = floorf(x * 1.44269504f + 0.5f);
+    const float r = fmaf(k, 2.12194440e-4f, fmaf(-k, 0.693359375f, x));  /* fused: never reassociated */
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.f;
+    const int32_t exponent = ((int32_t)k + 127) << 23;
+    float scale;
+    memcpy(&scale, &exponent, sizeof scale);
+    return p * scale;
+}
+
+/* lut[b * per + i]: code i of byte b, as a float (bits 1, 2, 4) */
+static float LUT1[256 * 8], LUT2[256 * 4], LUT4[256 * 2];
+
+__attribute__((constructor)) static void make_luts(void) {
+    for (int b = 0; b < 256; b++) {
+        for (int i = 0; i < 8; i++) LUT1[b * 8 + i] = (float)((b >> i) & 1);
+        for (int i = 0; i < 4; i++) LUT2[b * 4 + i] = (float)((b >> (2 * i)) & 3);
+        for (int i = 0; i < 2; i++) LUT4[b * 2 + i] = (float)((b >> (4 * i)) & 15);
+    }
+}
+
+/* dst[0..D) (+ padding up to the last byte's codes) = the codes of one packed row, as floats */
+static inline void unpack_row(const uint8_t *src, int bits, int64_t row_bytes, float *dst) {
+    if (bits == 8) {
+        for (int64_t j = 0; j < row_bytes; j++) dst[j] = (float)src[j];
+        return;
+    }
+    const int per = 8 / bits;
+    const float *lut = bits == 1 ? LUT1 : bits == 2 ? LUT2 : LUT4;
+    for (int64_t j = 0; j < row_bytes; j++) memcpy(dst + j * per, lut + (int64_t)src[j] * per, per * sizeof(float));
+}
+
+/* The key row of token n of head bh, dequantized (or from the ring) into dst[0..D). */
+static inline const float *key_row(const stream_t *k, int64_t bh, int64_t n, int64_t D, float *dst) {
+    if (k->bits == 32) return (const float *)(k->codes + bh * k->code_stride + n * k->row_bytes);
+    if (k->recent && k->recent[n]) return k->ring + bh * k->ring_stride + k->rows[n] * D;
+    unpack_row(k->codes + bh * k->code_stride + n * k->row_bytes, k->bits, k->row_bytes, dst);
+    const float *s = k->scale + bh * k->param_stride + (n / k->group) * D;
+    const float *z = k->zero + bh * k->param_stride + (n / k->group) * D;
+    for (int64_t d = 0; d < D; d++) dst[d] = dst[d] * s[d] + z[d];
+    return dst;
+}
+
+static inline const float *value_row(const stream_t *v, int64_t bh, int64_t n, int64_t D, float *dst) {
+    if (v->bits == 32) return (const float *)(v->codes + bh * v->code_stride + n * v->row_bytes);
+    if (v->recent && v->recent[n]) return v->ring + bh * v->ring_stride + v->rows[n] * D;
+    unpack_row(v->codes + bh * v->code_stride + n * v->row_bytes, v->bits, v->row_bytes, dst);
+    const float *s = v->scale + bh * v->param_stride + n * v->groups;
+    const float *z = v->zero + bh * v->param_stride + n * v->groups;
+    for (int64_t g = 0; g < v->groups; g++) {
+        const int64_t end = (g + 1) * v->group < D ? (g + 1) * v->group : D;
+        for (int64_t d = g * v->group; d < end; d++) dst[d] = dst[d] * s[g] + z[g];
+    }
+    return dst;
+}
+
+int kv_decode_attention(int64_t BH, int64_t R, int64_t N, int64_t D, const float *q, int64_t q_stride,
+                        const uint8_t *kcodes, int64_t kcode_stride, int64_t krow_bytes, int kbits, int64_t kgroup,
+                        const float *kscale, const float *kzero, int64_t kparam_stride, const uint8_t *krecent,
+                        const int64_t *krows, const float *kring, int64_t kring_stride, const uint8_t *vcodes,
+                        int64_t vcode_stride, int64_t vrow_bytes, int vbits, int64_t vgroup, int64_t vgroups,
+                        const float *vscale, const float *vzero, int64_t vparam_stride, const uint8_t *vrecent,
+                        const int64_t *vrows, const float *vring, int64_t vring_stride, const uint8_t *allowed,
+                        float *out, int threads) {
+    if (D > MAX_DIM || R < 1 || N < 1) return 1;
+    const stream_t k = {kcodes, kcode_stride, krow_bytes, kbits, kgroup, 0, kscale, kzero, kparam_stride,
+                        krecent, krows, kring, kring_stride};
+    const stream_t v = {vcodes, vcode_stride, vrow_bytes, vbits, vgroup, vgroups, vscale, vzero, vparam_stride,
+                        vrecent, vrows, vring, vring_stride};
+    const int64_t blocks = (N + BLOCK - 1) / BLOCK, items = BH * blocks;
+    /* Quantized keys: the scale folds into the query once per group of tokens (qs = q * s, qz = q . z), and codes
+     * are unpacked in the order their bit fields sit in (code i of every byte, then code i + 1), which vectorizes;
+     * qs is laid out in that order too, so only the order of a dot product's terms changes. */
+    const int per = kbits == 32 ? 1 : 8 / kbits, mask = kbits == 32 ? 0 : (1 << kbits) - 1;
+    const int64_t width = krow_bytes * per, work_size = R * width + R + width;
+    float *scores = malloc(sizeof(float) * BH * R * N);
+    float *partial = calloc((size_t)threads * BH * R * D, sizeof(float));
+    float *work = malloc(sizeof(float) * threads * work_size);
+    if (!scores || !partial || !work) { free(scores); free(partial); free(work); return 2; }
+
+#pragma omp parallel num_threads(threads)
+    {
+        float row[MAX_DIM + 8];
+        float *qs = work + (int64_t)thread_index() * work_size, *qz = qs + R * width, *codes = qz + R;
+        int64_t group_loaded = -1, bh_loaded = -1;
+#pragma omp for schedule(static)
+        for (int64_t item = 0; item < items; item++) {
+            const int64_t bh = item / blocks, start = (item % blocks) * BLOCK;
+            const int64_t end = start + BLOCK < N ? start + BLOCK : N;
+            for (int64_t n = start; n < end; n++) {
+                float *s = scores + bh * R * N + n;
+                if (!allowed[n]) {
+                    for (int64_t r = 0; r < R; r++) s[r * N] = -INFINITY;
+                    continue;
+                }
+                if (kbits == 32 || (k.recent && k.recent[n])) {
+                    const float *key = key_row(&k, bh, n, D, row);
+                    for (int64_t r = 0; r < R; r++) {
+                        const float *qr = q + bh * q_stride + r * D;
+                        float dot = 0.f;
+                        for (int64_t d = 0; d < D; d++) dot += qr[d] * key[d];
+                        s[r * N] = dot;
+                    }
+                    continue;
+                }
+                const int64_t group = n / kgroup;
+                if (group != group_loaded || bh != bh_loaded) {
+                    const float *scale = kscale + bh * kparam_stride + group * D;
+                    const float *zero = kzero + bh * kparam_stride + group * D;
+                    for (int64_t r = 0; r < R; r++) {
+                        const float *qr = q + bh * q_stride + r * D;
+                        float dot = 0.f;
+                        for (int64_t d = 0; d < D; d++) dot += qr[d] * zero[d];
+                        qz[r] = dot;
+                        for (int64_t i = 0; i < per; i++)
+                            for (int64_t j = 0; j < krow_bytes; j++) {
+                                const int64_t c = j * per + i;
+                                qs[r * width + i * krow_bytes + j] = c < D ? qr[c] * scale[c] : 0.f;
+                            }
+                    }
+                    group_loaded = group, bh_loaded = bh;
+                }
+                const uint8_t *packed = kcodes + bh * kcode_stride + n * krow_bytes;
+                for (int i = 0; i < per; i++) {
+                    const int shift = i * kbits;
+                    for (int64_t j = 0; j < krow_bytes; j++)
+                        codes[i * krow_bytes + j] = (float)((packed[j] >> shift) & mask);
+                }
+                for (int64_t r = 0; r < R; r++) {
+                    const float *qr = qs + r * width;
+                    float dot = qz[r];
+                    for (int64_t p = 0; p < width; p++) dot += qr[p] * codes[p];
+                    s[r * N] = dot;
+                }
+            }
+        }
+        /* softmax of each (bh, r) row, in place */
+#pragma omp for schedule(static)
+        for (int64_t line = 0; line < BH * R; line++) {
+            float *s = scores + line * N, top = -INFINITY, total = 0.f;
+            for (int64_t n = 0; n < N; n++) top = s[n] > top ? s[n] : top;
+            for (int64_t n = 0; n < N; n++) { s[n] = allowed[n] ? exp_nonpositive(s[n] - top) : 0.f; total += s[n]; }
+            const float inverse = 1.f / total;
+            for (int64_t n = 0; n < N; n++) s[n] *= inverse;
+        }
+        float *acc = partial + (int64_t)thread_index() * BH * R * D;
+#pragma omp for schedule(static)
+        for (int64_t item = 0; item < items; item++) {
+            const int64_t bh = item / blocks, start = (item % blocks) * BLOCK;
+            const int64_t end = start + BLOCK < N ? start + BLOCK : N;
+            for (int64_t n = start; n < end; n++) {
+                if (!allowed[n]) continue;
+                const float *value = value_row(&v, bh, n, D, row);
+                for (int64_t r = 0; r < R; r++) {
+                    const float p = scores[bh * R * N + r * N + n];
+                    float *o = acc + (bh * R + r) * D;
+                    for (int64_t d = 0; d < D; d++) o[d] += p * value[d];
+                }
+            }
+        }
+    }
+    const int64_t size = BH * R * D;
+    memcpy(out, partial, sizeof(float) * size);
+    for (int t = 1; t < threads; t++)
+        for (int64_t i = 0; i < size; i++) out[i] += partial[(int64_t)t * size + i];
+    free(scores);
+    free(partial);
+    free(work);
+    return 0;
+}
