@@ -93,8 +93,7 @@ def f32_copy(model: Path, bin_dir: Path) -> Path:
     target = bin_dir.parent.parent / f"{model.stem}.F32.gguf"
     if not target.exists():
         partial = target.with_suffix(".partial")
-        subprocess.run([str(bin_dir / "llama-quantize"), "--allow-requantize", str(model), str(partial), "F32"],
-                       check=True, capture_output=True)
+        run_measured([str(bin_dir / "llama-quantize"), "--allow-requantize", str(model), str(partial), "F32"])
         partial.rename(target)
     return target
 

@@ -119,18 +119,18 @@ class KVQuantLayer(LayerCache):
         prerope, positions = self.parent.prerope, step.positions
         k_rotated = apply_rotary(k, step.cos, step.sin)
         stored_k = k if prerope else k_rotated
-        kernel = positions.shape[0] == 1 and not step.concat and self.parent.kernel_unusable is None
-        self.note_decode_path(step, "cpu" if kernel else "torch")
-        if kernel:
-            # CPU decode: attention straight from the codes, the history never dequantized into memory.
-            self.keys.write(stored_k, positions, step.shared)
-            self.values.write(v, positions, step.shared)
-            keys, values = kv_decode.stream_arrays(self.keys, step), kv_decode.stream_arrays(self.values, step)
-            return kv_decode.attend(q, keys, values, step, self.projection.scale)
 
         def write() -> None:
             self.keys.write(stored_k, positions, step.shared)
             self.values.write(v, positions, step.shared)
+
+        kernel = positions.shape[0] == 1 and not step.concat and self.parent.kernel_unusable is None
+        self.note_decode_path(step, "cpu" if kernel else "torch")
+        if kernel:
+            # CPU decode: attention straight from the codes, the history never dequantized into memory.
+            write()
+            keys, values = kv_decode.stream_arrays(self.keys, step), kv_decode.stream_arrays(self.values, step)
+            return kv_decode.attend(q, keys, values, step, self.projection.scale)
 
         def read() -> tuple[Tensor, Tensor]:
             keys = self.keys.read(step.stored_length, step.stored_positions, step.shared)

@@ -1,4 +1,4 @@
-"""The CPU decode kernel of KIVI-layout caches (`kv_attention.c`): attention straight from the codes.
+"""The CPU decode kernel (`kv_attention.c`): attention straight from KIVI-layout codes, or over plain fp32 K/V.
 
 The C file is compiled on first use with the machine's C compiler (`$CC`, default `cc`; `-O3 -march=native
 -fopenmp`) into `~/.cache/xqinfer/kernels/` (or `$XDG_CACHE_HOME/xqinfer/kernels/`), keyed by a hash of the source,

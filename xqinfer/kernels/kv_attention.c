@@ -86,20 +86,18 @@ static inline void unpack_row(const uint8_t *src, int bits, int64_t row_bytes, f
     for (int64_t j = 0; j < row_bytes; j++) memcpy(dst + j * per, lut + (int64_t)src[j] * per, per * sizeof(float));
 }
 
-/* The key row of token n of head bh, dequantized (or from the ring) into dst[0..D). */
-static inline const float *key_row(const stream_t *k, int64_t bh, int64_t n, int64_t D, float *dst) {
-    if (k->bits == 32) return (const float *)(k->codes + bh * k->code_stride + n * k->row_bytes);
-    if (k->recent && k->recent[n]) return k->ring + bh * k->ring_stride + k->rows[n] * D;
-    unpack_row(k->codes + bh * k->code_stride + n * k->row_bytes, k->bits, k->row_bytes, dst);
-    const float *s = k->scale + bh * k->param_stride + (n / k->group) * D;
-    const float *z = k->zero + bh * k->param_stride + (n / k->group) * D;
-    for (int64_t d = 0; d < D; d++) dst[d] = dst[d] * s[d] + z[d];
-    return dst;
+/* Row n of head bh where it is held in float32: a plain stream's row, or the ring's copy of a recent token; NULL
+ * where it must be read from its codes. */
+static inline const float *exact_row(const stream_t *t, int64_t bh, int64_t n, int64_t D) {
+    if (t->bits == 32) return (const float *)(t->codes + bh * t->code_stride + n * t->row_bytes);
+    if (t->recent && t->recent[n]) return t->ring + bh * t->ring_stride + t->rows[n] * D;
+    return NULL;
 }
 
+/* The value row of token n of head bh, dequantized into dst[0..D) unless it is held exactly. */
 static inline const float *value_row(const stream_t *v, int64_t bh, int64_t n, int64_t D, float *dst) {
-    if (v->bits == 32) return (const float *)(v->codes + bh * v->code_stride + n * v->row_bytes);
-    if (v->recent && v->recent[n]) return v->ring + bh * v->ring_stride + v->rows[n] * D;
+    const float *exact = exact_row(v, bh, n, D);
+    if (exact) return exact;
     unpack_row(v->codes + bh * v->code_stride + n * v->row_bytes, v->bits, v->row_bytes, dst);
     const float *s = v->scale + bh * v->param_stride + n * v->groups;
     const float *z = v->zero + bh * v->param_stride + n * v->groups;
@@ -149,8 +147,8 @@ int kv_decode_attention(int64_t BH, int64_t R, int64_t N, int64_t D, const float
                     for (int64_t r = 0; r < R; r++) s[r * N] = -INFINITY;
                     continue;
                 }
-                if (kbits == 32 || (k.recent && k.recent[n])) {
-                    const float *key = key_row(&k, bh, n, D, row);
+                const float *key = exact_row(&k, bh, n, D);
+                if (key) {
                     for (int64_t r = 0; r < R; r++) {
                         const float *qr = q + bh * q_stride + r * D;
                         float dot = 0.f;
@@ -159,10 +157,10 @@ int kv_decode_attention(int64_t BH, int64_t R, int64_t N, int64_t D, const float
                     }
                     continue;
                 }
-                const int64_t group = n / kgroup;
+                const int64_t group = n / k.group;
                 if (group != group_loaded || bh != bh_loaded) {
-                    const float *scale = kscale + bh * kparam_stride + group * D;
-                    const float *zero = kzero + bh * kparam_stride + group * D;
+                    const float *scale = k.scale + bh * k.param_stride + group * D;
+                    const float *zero = k.zero + bh * k.param_stride + group * D;
                     for (int64_t r = 0; r < R; r++) {
                         const float *qr = q + bh * q_stride + r * D;
                         float dot = 0.f;
@@ -176,7 +174,7 @@ int kv_decode_attention(int64_t BH, int64_t R, int64_t N, int64_t D, const float
                     }
                     group_loaded = group, bh_loaded = bh;
                 }
-                const uint8_t *packed = kcodes + bh * kcode_stride + n * krow_bytes;
+                const uint8_t *packed = k.codes + bh * k.code_stride + n * k.row_bytes;
                 for (int i = 0; i < per; i++) {
                     const int shift = i * kbits;
                     for (int64_t j = 0; j < krow_bytes; j++)
