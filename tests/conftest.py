@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from xqinfer.kernels import cpu as cpu_kernels
+
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 # A tiny Llama: big enough to exercise every code path, small enough to build and save in milliseconds.
@@ -122,3 +124,14 @@ def hf_smollm2_tokenizer():
     transformers = pytest.importorskip("transformers")
     transformers.logging.set_verbosity_error()
     return transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
+@pytest.fixture(params=["kernels", "no kernels"])
+def kernels_on(request, monkeypatch) -> bool:
+    """Each test runs with the C kernels and without them (as on a machine without a compiler)."""
+    if request.param == "no kernels":
+        monkeypatch.setenv("XQINFER_CPU_KERNELS", "0")
+    cpu_kernels._library.cache_clear()
+    yield request.param == "kernels"
+    monkeypatch.undo()
+    cpu_kernels._library.cache_clear()

@@ -1,6 +1,7 @@
-"""The backend seam: the CPU's tricks (fp32 weights stored [in, out], one-token products split over the threads,
-freed host memory kept for reuse) are chosen by device and dtype and applied by the loader through `backend_for`,
-and by nothing else: without the CPU backend a model has the checkpoint's layout, plain modules and the same logits."""
+"""The backend seam: the CPU's tricks (decode steps through the C kernels; without them fp32 weights stored
+[in, out] and one-token products split over the threads; freed host memory kept for reuse) are chosen by device and
+dtype and applied by the loader through `backend_for`, and by nothing else: without the CPU backend a model has the
+checkpoint's layout, plain modules and the same logits."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from xqinfer.arch.base import Embedding
 from xqinfer.backends import Backend, CpuBackend, backend_for, cpu
 from xqinfer.config import ModelConfig
 from xqinfer.engine import Engine
+from xqinfer.kernels import cpu as kernels
 from xqinfer.loader import random_model
 from xqinfer.rope import Rotary
 
@@ -39,46 +41,50 @@ def test_the_cpu_backend_is_chosen_for_the_cpu_only():
 
 
 @pytest.mark.parametrize("tied", [False, True])
-def test_only_cpu_fp32_stores_the_tall_weights_transposed(tied):
+def test_without_kernels_only_cpu_fp32_stores_the_tall_weights_transposed(tied, kernels_on):
     model = _meta_model(_config(tie_word_embeddings=tied))
     tall = {f"model.layers.{i}.{name}.weight" for i in range(2) for name in
             ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj")}
     tall.add("model.embed_tokens.weight" if tied else "lm_head.weight")  # down_proj [d, f] is wide
-    assert backend_for("cpu", torch.float32).stored_transposed(model) == tall
+    # The kernels read the checkpoint's [out, in] rows.
+    assert backend_for("cpu", torch.float32).stored_transposed(model) == (set() if kernels_on else tall)
     assert backend_for("cpu", torch.bfloat16).stored_transposed(model) == set()
     assert backend_for("cuda", torch.bfloat16).stored_transposed(model) == set()
     assert backend_for("cuda", torch.float32).stored_transposed(model) == set()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_cpu_model_is_prepared_at_load(dtype, monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_a_cpu_model_is_prepared_at_load(dtype, kernels_on, monkeypatch):
     calls = []
     monkeypatch.setattr(cpu, "keep_freed_host_memory", lambda: calls.append("mallopt"))
     model = random_model(_config(tie_word_embeddings=True), dtype, "cpu")
     assert calls == ["mallopt"]  # in any dtype: the decode step's temporaries are host memory either way
+    # fp32 takes the CPU modules (the kernels' or, without them, the split products); bf16 the kernels' only.
+    tricked = dtype == torch.float32 or (dtype == torch.bfloat16 and kernels_on)
     linears = [module for module in model.modules() if isinstance(module, nn.Linear)]
-    threaded = dtype == torch.float32
-    assert linears and all((type(module) is cpu.ThreadedLinear) == threaded for module in linears)
-    assert (type(model.model.embed_tokens) is cpu.ThreadedEmbedding) == threaded
+    assert linears and all((type(module) is cpu.CpuLinear) == tricked for module in linears)
+    assert all((type(block) is cpu.CpuLlamaBlock) == tricked for block in model.layers)
+    assert (type(model.model.embed_tokens) is cpu.CpuEmbedding) == tricked
     assert isinstance(model.model.embed_tokens, Embedding)
 
 
 @pytest.mark.parametrize("tied", [False, True])
-def test_without_the_cpu_backend_a_model_is_plain_and_decodes_the_same(tied, monkeypatch):
-    # Projections of at least SPLIT_MIN_BYTES and two threads, so that the tricked model's decode steps split.
+def test_without_the_cpu_backend_a_model_is_plain_and_decodes_the_same(tied, kernels_on, monkeypatch):
+    # Projections of at least SPLIT_MIN_BYTES and two threads, so that without kernels the decode steps split.
     config = _config(hidden_size=256, intermediate_size=512, num_key_value_heads=2, tie_word_embeddings=tied)
     tricked = random_model(config, torch.float32, "cpu")
     monkeypatch.setattr(loader, "backend_for", lambda device, dtype: Backend())
     plain = random_model(config, torch.float32, "cpu")
     assert all(parameter.is_contiguous() for parameter in plain.parameters())
-    assert not all(parameter.is_contiguous() for parameter in tricked.parameters())
-    assert {type(module) for module in plain.modules()}.isdisjoint({cpu.ThreadedLinear, cpu.ThreadedEmbedding})
+    assert all(parameter.is_contiguous() for parameter in tricked.parameters()) == kernels_on
+    assert {type(module) for module in plain.modules()}.isdisjoint(set(cpu.CPU_MODULES.values()))
     for (name, a), (_, b) in zip(tricked.state_dict().items(), plain.state_dict().items()):
         assert torch.equal(a, b), name
     torch.set_num_threads(2)  # the single_thread fixture restores the count afterwards
-    split = []
-    bmm = torch.bmm
+    split, blocks = [], []
+    bmm, block_output = torch.bmm, kernels.dense_block_output
     monkeypatch.setattr(torch, "bmm", lambda *args: split.append(args[1].shape) or bmm(*args))
+    monkeypatch.setattr(kernels, "dense_block_output", lambda *args: blocks.append(1) or block_output(*args))
     ids = torch.randint(3, 300, (20,), generator=torch.Generator().manual_seed(0)).tolist()
     steps = {}
     for name, model in (("tricked", tricked), ("plain", plain)):
@@ -87,7 +93,8 @@ def test_without_the_cpu_backend_a_model_is_plain_and_decodes_the_same(tied, mon
         logits += [engine.decode(torch.tensor([token])) for token in ids[12:]]
         steps[name] = torch.stack(logits)
         if name == "tricked":
-            assert split, "the tricked model's one-token products were not split"
-            split.clear()
-    assert not split
+            assert bool(blocks) == kernels_on, "the decode steps did not take the kernels"
+            assert bool(split) != kernels_on, "without kernels, the one-token products were not split"
+            split.clear(), blocks.clear()
+    assert not split and not blocks
     torch.testing.assert_close(steps["tricked"], steps["plain"], rtol=1e-5, atol=1e-5)

@@ -13,14 +13,17 @@ import json
 import math
 import re
 import sys
+from contextlib import nullcontext
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
 
 import xqinfer
-from xqinfer import cli
+from xqinfer import cli, loader
 from xqinfer.accounting import bytes_per_token, normalized_size
+from xqinfer.backends import Backend
 from xqinfer.bench import BenchResult, bench, parse_context
 from xqinfer.cache import parse_spec
 from xqinfer.config import ModelConfig
@@ -62,9 +65,11 @@ SHAPES = {
 
 
 @functools.lru_cache(maxsize=None)
-def tiny_model(shape: str, dtype: torch.dtype = torch.float32):
+def tiny_model(shape: str, dtype: torch.dtype = torch.float32, plain: bool = False):
+    """plain: torch modules only, without the CPU backend's (the ops a CUDA step runs, which capture tests record)."""
+    backend = mock.patch.object(loader, "backend_for", lambda device, dtype: Backend()) if plain else nullcontext()
     # Normal tensors even when first asked for inside an inference-mode test: later tests use them outside one.
-    with torch.inference_mode(False), torch.no_grad():
+    with torch.inference_mode(False), torch.no_grad(), backend:
         model = random_model(ModelConfig.from_dict(SHAPES[shape]), dtype, "cpu", seed=3)
         # The preset initializer gives logits of ~0.3; O(1) logits make a 1e-5 agreement a meaningful one.
         model.lm_head.weight.mul_(5)

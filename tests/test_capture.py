@@ -109,7 +109,7 @@ STEPS = 16
 @pytest.mark.parametrize("shape,spec,prompt_length", CASES, ids=[f"{c[0]}-{c[1]}" for c in CASES])
 @torch.inference_mode()
 def test_every_step_of_a_bucket_replays_the_first_steps_operations(shape, spec, prompt_length):
-    model = tiny_model(shape)
+    model = tiny_model(shape, plain=True)
     engine = Engine(model, spec, capacity=512, allow_extrapolation=True)
     engine.cache.host_steps = False  # the path a CUDA step takes: no host reads, no kernel outside torch
     token = engine.prefill(random_prompt(prompt_length, seed=5)).argmax(dim=-1)
@@ -155,7 +155,7 @@ OPS_PER_LAYER = [
 @pytest.mark.parametrize("shape,spec,bound", OPS_PER_LAYER, ids=[f"{c[0]}-{c[1]}" for c in OPS_PER_LAYER])
 @torch.inference_mode()
 def test_decode_step_ops_per_layer_stay_bounded(shape, spec, bound):
-    model = tiny_model(shape)
+    model = tiny_model(shape, plain=True)
     counts = {}
     for method in ("fp16", spec):
         engine = Engine(model, method, capacity=512)

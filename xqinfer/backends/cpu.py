@@ -1,5 +1,6 @@
-"""CPU tricks, applied at load: fp32 weights laid out for MKL's GEMV, one-token products split over the threads, and
-freed host memory kept for reuse. Each was measured on the 2-core CPU where xqinfer is developed."""
+"""CPU tricks, applied at load: decode steps through the C kernels (`kernels/dense.c`: a block in two calls), or
+without a compiler fp32 weights laid out for MKL's GEMV and one-token products split over the threads; and freed
+host memory kept for reuse. Each was measured on the 2-core CPU where xqinfer is developed."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..arch import llama
 from ..arch.base import Embedding
+from ..kernels import cpu as kernels
 from .base import Backend
 
 # A one-token product x·Wᵀ is a matrix-vector product, which MKL runs on one thread however many torch has. Split
@@ -32,31 +35,75 @@ def threaded_linear(x: Tensor, weight: Tensor) -> Tensor:
     return torch.bmm(x.reshape(1, 1, width).expand(threads, 1, width), blocks).view(*x.shape[:-1], out)
 
 
-class ThreadedLinear(nn.Linear):
-    """nn.Linear without bias whose one-token products use every intra-op thread."""
+def cpu_linear(x: Tensor, weight: Tensor) -> Tensor:
+    """F.linear without bias on a CPU: a decode step's rows through the dense kernel, more through torch."""
+    if kernels.dense_usable(x, weight):
+        return kernels.dense_linear(x, weight)
+    return threaded_linear(x, weight)
+
+
+class CpuLinear(nn.Linear):
+    """nn.Linear without bias, with `cpu_linear`'s forward."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return threaded_linear(x, self.weight)
+        return cpu_linear(x, self.weight)
 
 
-class ThreadedEmbedding(Embedding):
-    """An Embedding whose one-token output products (tied embeddings) use every intra-op thread."""
+class CpuEmbedding(Embedding):
+    """An Embedding whose output products (tied embeddings) take `cpu_linear`."""
 
     def as_linear(self, x: Tensor) -> Tensor:
-        return threaded_linear(x, self.weight)
+        return cpu_linear(x, self.weight)
+
+
+class CpuLlamaBlock(llama.Block):
+    """A Llama block whose decode steps run in two kernel calls around the layer cache's attention; any other call
+    (a prefill chunk, a dtype or batch the kernels do not take, a step the cache keeps capturable) is the torch
+    block's."""
+
+    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, layer_cache, step) -> Tensor:
+        # Parameters are read from their modules' dicts: nn.Module's attribute lookup costs ~2 us, and a step
+        # makes dozens of them.
+        parameters = self.__dict__.get("_decode_parameters") or self._bind()
+        weights = [module["weight"] for module in parameters]
+        if h.shape[1] != 1 or not layer_cache.parent.host_steps or not kernels.dense_usable(h, cos, *weights):
+            return super().forward(h, cos, sin, layer_cache, step)
+        attention = self.self_attn
+        x, q, k, v = kernels.dense_attention_input(h, weights[0], self._decode_eps[0], weights[1], cos, sin,
+                                                   attention.num_heads, attention.num_kv_heads)
+        out = layer_cache.attend(step, x, q, k, v)
+        return kernels.dense_block_output(h, out, weights[2], weights[3], self._decode_eps[1], weights[4], weights[5])
+
+    def _bind(self) -> tuple[dict, ...]:
+        attention, mlp = self.self_attn, self.mlp
+        modules = (self.input_layernorm, attention.qkv_proj, attention.o_proj, self.post_attention_layernorm,
+                   mlp.gate_up_proj, mlp.down_proj)
+        self.__dict__["_decode_eps"] = (self.input_layernorm.eps, self.post_attention_layernorm.eps)
+        self.__dict__["_decode_parameters"] = tuple(module._parameters for module in modules)
+        return self.__dict__["_decode_parameters"]
+
+
+# The CPU variant of each module class: the same parameters, another forward.
+CPU_MODULES = {nn.Linear: CpuLinear, Embedding: CpuEmbedding, llama.Block: CpuLlamaBlock}
 
 
 @dataclass(frozen=True)
 class CpuBackend(Backend):
     dtype: torch.dtype
 
+    @property
+    def kernels(self) -> bool:
+        """Whether decode steps take the C kernels (which read the checkpoint's [out, in] layout)."""
+        return self.dtype in kernels.DENSE_DTYPES and kernels.unavailable() is None
+
     def stored_transposed(self, model: nn.Module) -> set[str]:
-        """The weights of one-token products at least as tall as wide (q|k|v, o, gate|up, the output matrix), in fp32.
+        """Without the kernels, the weights of one-token products at least as tall as wide (q|k|v, o, gate|up, the
+        output matrix), in fp32.
 
         MKL's one-token fp32 GEMV streams such a W 1.4-1.8x faster stored [in, out]; down_proj [d, f] is slower that
         way, and in fp16 (10x slower) or bf16 the checkpoint layout wins.
         """
-        if self.dtype != torch.float32:
+        if self.dtype != torch.float32 or self.kernels:
             return set()
         names = {id(parameter): name for name, parameter in model.named_parameters()}
         multiplied = [module.weight for module in model.modules() if isinstance(module, nn.Linear)]
@@ -65,14 +112,12 @@ class CpuBackend(Backend):
 
     def prepare(self, model: nn.Module) -> None:
         keep_freed_host_memory()
-        if self.dtype != torch.float32:
+        if self.dtype != torch.float32 and not self.kernels:
             return
         for module in model.modules():
-            # The same module and parameters, given a CPU forward.
-            if type(module) is nn.Linear and module.bias is None:
-                module.__class__ = ThreadedLinear
-            elif type(module) is Embedding:
-                module.__class__ = ThreadedEmbedding
+            variant = CPU_MODULES.get(type(module))
+            if variant is not None and getattr(module, "bias", None) is None:
+                module.__class__ = variant
 
 
 # glibc's mallopt parameters (malloc.h).

@@ -10,10 +10,11 @@ from torch import Tensor
 
 from ..attention import attend
 from ..config import dtype_name
+from ..kernels import cpu
 from ..kernels.cpu import PLAIN, StreamArrays
 from ..rope import apply_rotary
 from . import kv_decode
-from .base import Cache, LayerCache, Step, register
+from .base import FIRST_POSITION, Cache, LayerCache, Step, register
 
 
 @register("fp16")
@@ -54,8 +55,19 @@ class FP16LayerCache(LayerCache):
         self.keys = torch.zeros(shape, dtype=parent.dtype, device=parent.device)
         self.values = torch.zeros(shape, dtype=parent.dtype, device=parent.device)
 
+    @cached_property
+    def kernel_arrays(self) -> tuple[StreamArrays, StreamArrays]:
+        return StreamArrays.plain(self.keys), StreamArrays.plain(self.values)
+
     def attend(self, step: Step, x: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         scale = self.projection.scale
+        if step.positions.shape[0] == 1 and self.parent.kernel_unusable is None:
+            # Faster than torch's attention for one query on a CPU (a flash kernel's tiling does not pay there);
+            # the store rotates and writes the token in one call, where torch takes a dozen ops.
+            self.note_decode_path(step, "cpu")
+            slot = step.shared[FIRST_POSITION] % self.parent.capacity
+            cpu.plain_store(self.keys, self.values, k, v, step.cos, step.sin, slot)
+            return kv_decode.attend(q, *self.kernel_arrays, step, scale)
         k = apply_rotary(k, step.cos, step.sin)
         keys, values = self.keys[:, :, : step.span], self.values[:, :, : step.span]
         if step.concat:
@@ -65,11 +77,7 @@ class FP16LayerCache(LayerCache):
         self.values.index_copy_(2, step.slots, v[:, :, -tail:])
         if step.concat:
             return out
-        kernel = step.positions.shape[0] == 1 and self.parent.kernel_unusable is None
-        self.note_decode_path(step, "cpu" if kernel else "torch")
-        if kernel:
-            # Faster than torch's attention for one query on a CPU (a flash kernel's tiling does not pay there).
-            return kv_decode.attend(q, StreamArrays.plain(self.keys), StreamArrays.plain(self.values), step, scale)
+        self.note_decode_path(step, "torch")
         return attend(q, keys, values, step.mask, scale)
 
     def tensors(self) -> list[Tensor]:

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from .. import quant
+from ..rope import apply_rotary
 from ..kernels import cpu
 from .base import Cache, Step
 from .stream import QuantStream
@@ -45,6 +46,24 @@ def attend(q: Tensor, keys: cpu.StreamArrays, values: cpu.StreamArrays, step: St
     """Attention output [B, H, 1, D] of one decode step over what the layer holds after storing its token."""
     batch, heads, length, dim = q.shape
     kv_heads = keys.codes.shape[1]
-    grouped = (q.float() * scale).reshape(batch, kv_heads, heads // kv_heads * length, dim)
-    out = cpu.kv_decode_attention(grouped, keys, values, step.mask[0])
-    return out.view(batch, heads, length, dim).to(q.dtype)
+    grouped = q.to(torch.float32).reshape(batch, kv_heads, heads // kv_heads * length, dim)
+    out = cpu.kv_decode_attention(grouped, keys, values, allowed(step), scale).view(batch, heads, length, dim)
+    return out if out.dtype == q.dtype else out.to(q.dtype)
+
+
+def rotate(k: Tensor, step: Step) -> Tensor:
+    """The step's one new key [B, Hkv, 1, D] rotated, as `rope.apply_rotary` rotates it."""
+    if k.dtype in cpu.DENSE_DTYPES and step.cos.dtype == k.dtype:
+        return cpu.dense_rotate(k, step.cos, step.sin)
+    return apply_rotary(k, step.cos, step.sin)
+
+
+ALLOWED = ("cpu kernel: slots the query may attend to",)
+
+
+def allowed(step: Step) -> Tensor:
+    """[span] bool: the mask of the step's one query position, computed once for all layers."""
+    mask = step.shared.get(ALLOWED)
+    if mask is None:
+        mask = step.shared[ALLOWED] = step.mask[0].contiguous()
+    return mask

@@ -117,15 +117,16 @@ class KVQuantLayer(LayerCache):
 
     def attend(self, step: Step, x: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         prerope, positions = self.parent.prerope, step.positions
-        k_rotated = apply_rotary(k, step.cos, step.sin)
+        kernel = positions.shape[0] == 1 and not step.concat and self.parent.kernel_unusable is None
+        self.note_decode_path(step, "cpu" if kernel else "torch")
+        # The CPU kernel path rotates its one token in one call (it never stores keys before RoPE).
+        k_rotated = kv_decode.rotate(k, step) if kernel else apply_rotary(k, step.cos, step.sin)
         stored_k = k if prerope else k_rotated
 
         def write() -> None:
             self.keys.write(stored_k, positions, step.shared)
             self.values.write(v, positions, step.shared)
 
-        kernel = positions.shape[0] == 1 and not step.concat and self.parent.kernel_unusable is None
-        self.note_decode_path(step, "cpu" if kernel else "torch")
         if kernel:
             # CPU decode: attention straight from the codes, the history never dequantized into memory.
             write()

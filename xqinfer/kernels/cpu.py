@@ -1,10 +1,11 @@
-"""The CPU decode kernel (`kv_attention.c`): attention straight from KIVI-layout codes, or over plain fp32 K/V.
+"""The CPU decode kernels: attention straight from KIVI-layout codes or over plain fp32 K/V (`kv_attention.c`), and
+the dense part of a one-token step, a Llama block around its attention in two calls (`dense.c`).
 
-The C file is compiled on first use with the machine's C compiler (`$CC`, default `cc`; `-O3 -march=native
--fopenmp`) into `~/.cache/xqinfer/kernels/` (or `$XDG_CACHE_HOME/xqinfer/kernels/`), keyed by a hash of the source,
-the flags and the CPU's features, and loaded with ctypes: no torch headers, so a build takes about a second.
-Without a compiler (or with `XQINFER_CPU_KERNELS=0`) `unavailable()` says why and callers keep the torch path,
-which is also the kernel's test reference.
+The C files are compiled on first use with the machine's C compiler (`$CC`, default `cc`; `-O3 -march=native
+-fopenmp`) into one library in `~/.cache/xqinfer/kernels/` (or `$XDG_CACHE_HOME/xqinfer/kernels/`), keyed by a hash
+of the sources, the flags and the CPU's features, and loaded with ctypes: no torch headers, so a build takes about a
+second. Without a compiler (or with `XQINFER_CPU_KERNELS=0`) `unavailable()` says why and callers keep the torch
+path, which is also the kernels' test reference.
 """
 
 from __future__ import annotations
@@ -22,13 +23,15 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-SOURCE = Path(__file__).with_name("kv_attention.c")
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("kv_attention.c", "dense.c"))
 # Reassociation lets the compiler vectorize the dot products; infinities (the mask) keep their meaning.
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno", "-fassociative-math",
          "-fno-signed-zeros", "-fno-trapping-math")
 BITS = (1, 2, 4, 8)  # the code widths the kernel unpacks (3-bit codes straddle bytes: torch path)
 PLAIN = 32  # the `bits` of a plain float32 K or V: rows read as they are
 MAX_DIM = 512  # kv_attention.c's MAX_DIM
+MAX_ROWS = 16  # dense.c's MAX_ROWS: the most rows (sequences of a decode step) one dense call multiplies
+DENSE_DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # dense.c's dtype codes
 
 
 def _cpu_features() -> str:
@@ -53,40 +56,51 @@ def _library() -> tuple[ctypes.CDLL | None, str | None]:
         return None, "XQINFER_CPU_KERNELS=0"
     compiler = os.environ.get("CC", "cc")
     if shutil.which(compiler) is None:
-        return None, f"no C compiler ({compiler}) to build the CPU kernel"
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join((compiler, *FLAGS, _cpu_features())).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"kv_attention-{key}.so"
+        return None, f"no C compiler ({compiler}) to build the CPU kernels"
+    sources = b"".join(source.read_bytes() for source in SOURCES)
+    key = hashlib.sha256(sources + " ".join((compiler, *FLAGS, _cpu_features())).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"kernels-{key}.so"
     if not target.exists():
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             # Built beside its destination and renamed into place: a concurrent build never loads half a file.
             with tempfile.TemporaryDirectory(dir=target.parent) as folder:
                 partial = Path(folder) / target.name
-                subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(partial), "-lm"], check=True,
+                subprocess.run([compiler, *FLAGS, *map(str, SOURCES), "-o", str(partial), "-lm"], check=True,
                                capture_output=True, timeout=120)
                 os.replace(partial, target)
         except (OSError, subprocess.SubprocessError) as exc:
             detail = getattr(exc, "stderr", b"") or b""
             lines = detail.decode(errors="replace").strip().splitlines()
-            return None, f"the CPU kernel did not build: {lines[-1] if lines else exc}"
+            return None, f"the CPU kernels did not build: {lines[-1] if lines else exc}"
     try:
         library = ctypes.CDLL(str(target))
     except OSError as exc:
-        return None, f"the CPU kernel did not load: {exc}"
+        return None, f"the CPU kernels did not load: {exc}"
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     stream = [ptr, i64, i64, ctypes.c_int, i64]
     library.kv_decode_attention.argtypes = (
-        [i64, i64, i64, i64, ptr, i64]
+        [i64, i64, i64, i64, ptr, i64, ctypes.c_float]
         + stream + [ptr, ptr, i64, ptr, ptr, ptr, i64]
         + stream + [i64, ptr, ptr, i64, ptr, ptr, ptr, i64]
         + [ptr, ptr, ctypes.c_int])
     library.kv_decode_attention.restype = ctypes.c_int
+    library.plain_store.argtypes = [i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64]
+    library.plain_store.restype = ctypes.c_int
+    f32, flag = ctypes.c_float, ctypes.c_int
+    library.dense_linear.argtypes = [flag, i64, i64, i64, ptr, ptr, ptr, flag]
+    library.dense_attention_input.argtypes = [flag, i64, i64, i64, i64, i64, ptr, ptr, f32, ptr, ptr, ptr,
+                                              ptr, ptr, ptr, ptr, flag]
+    library.dense_block_output.argtypes = [flag, i64, i64, i64, i64, ptr, ptr, ptr, ptr, f32, ptr, ptr, ptr, flag]
+    library.dense_rotate.argtypes = [flag, i64, i64, ptr, ptr, ptr, ptr]
+    for function in (library.dense_linear, library.dense_attention_input, library.dense_block_output,
+                     library.dense_rotate):
+        function.restype = ctypes.c_int
     return library, None
 
 
 def unavailable() -> str | None:
-    """Why the CPU kernel cannot run here (None: it can); builds it on the first call."""
+    """Why the CPU kernels cannot run here (None: they can); builds them on the first call."""
     return _library()[1]
 
 
@@ -105,9 +119,11 @@ def _head_stride(t: Tensor | None) -> int:
     return t.stride(1)
 
 
-def kv_decode_attention(q: Tensor, keys: "StreamArrays", values: "StreamArrays", allowed: Tensor) -> Tensor:
-    """Attention of q [B, Hkv, R, D] (float32, already scaled) over the keys and values of one decode step, read
-    from their codes (or plain rows): -> [B, Hkv, R, D] float32. `allowed` [N] bool: the slots q may attend to."""
+def kv_decode_attention(q: Tensor, keys: "StreamArrays", values: "StreamArrays", allowed: Tensor,
+                        scale: float) -> Tensor:
+    """Attention of q [B, Hkv, R, D] (float32) with softmax scale `scale` over the keys and values of one decode
+    step, read from their codes (or plain rows): -> [B, Hkv, R, D] float32. `allowed` [N] bool: the slots q may
+    attend to."""
     library, reason = _library()
     if library is None:
         raise RuntimeError(reason)
@@ -117,7 +133,7 @@ def kv_decode_attention(q: Tensor, keys: "StreamArrays", values: "StreamArrays",
         raise ValueError(f"head_dim {dim} is above the kernel's {MAX_DIM}")
     q = q.contiguous()
     out = torch.empty_like(q)
-    args = [batch * kv_heads, rows, span, dim, q.data_ptr(), rows * dim]
+    args = [batch * kv_heads, rows, span, dim, q.data_ptr(), rows * dim, scale]
     for stream in (keys, values):
         size = stream.codes.element_size()  # the kernel steps through codes in bytes
         args += [stream.codes.data_ptr(), _head_stride(stream.codes) * size, stream.codes.shape[-1] * size,
@@ -130,6 +146,20 @@ def kv_decode_attention(q: Tensor, keys: "StreamArrays", values: "StreamArrays",
     if status:
         raise RuntimeError(f"kv_decode_attention failed ({status})")
     return out
+
+
+def plain_store(keys: Tensor, values: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, slot: int) -> None:
+    """keys[:, :, slot] = RoPE(k) and values[:, :, slot] = v for one decode token: k, v [B, Hkv, 1, D] into float32
+    buffers [B, Hkv, capacity, D], rotated by the token's cos, sin [1, D] (as `rope.apply_rotary`)."""
+    batch, kv_heads, capacity, dim = keys.shape
+    if not (keys.is_contiguous() and values.is_contiguous()) or keys.dtype != torch.float32:
+        raise ValueError("plain_store writes dense float32 buffers")
+    k, v = k.to(torch.float32).contiguous(), v.to(torch.float32).contiguous()
+    cos, sin = cos.to(torch.float32).contiguous(), sin.to(torch.float32).contiguous()
+    status = _library()[0].plain_store(batch * kv_heads, dim, k.data_ptr(), v.data_ptr(), cos.data_ptr(),
+                                       sin.data_ptr(), keys.data_ptr(), values.data_ptr(), capacity * dim, slot)
+    if status:
+        raise RuntimeError(f"plain_store failed ({status})")
 
 
 class StreamArrays:
@@ -154,3 +184,66 @@ class StreamArrays:
     @classmethod
     def plain(cls, rows: Tensor) -> StreamArrays:
         return cls(rows, PLAIN, 1, None, None)
+
+
+def dense_usable(x: Tensor, *weights: Tensor) -> bool:
+    """Whether the dense kernels take x [..., in] with these weights: a few rows (a decode step), a dtype the
+    kernels read, dense row-major operands on the CPU."""
+    return (x.shape[:-1].numel() <= MAX_ROWS and x.dtype in DENSE_DTYPES and x.device.type == "cpu"
+            and all(w.dtype == x.dtype and w.is_contiguous() for w in weights) and _library()[0] is not None)
+
+
+def _call(function: str, *args) -> None:
+    status = getattr(_library()[0], function)(*args, torch.get_num_threads())
+    if status:
+        raise RuntimeError(f"{function} failed ({status})")
+
+
+def dense_linear(x: Tensor, weight: Tensor) -> Tensor:
+    """x [..., in] @ weight[out, in]ᵀ -> [..., out], as F.linear without bias (see `dense_usable`)."""
+    x = x.contiguous()
+    out = torch.empty(*x.shape[:-1], weight.shape[0], dtype=x.dtype)
+    _call("dense_linear", DENSE_DTYPES[x.dtype], x.shape[:-1].numel(), weight.shape[1], weight.shape[0],
+          x.data_ptr(), weight.data_ptr(), out.data_ptr())
+    return out
+
+
+def dense_rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """`rope.apply_rotary(x, cos, sin)` for x [..., 1, D] at one position (cos, sin [1, D]) in one call."""
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    status = _library()[0].dense_rotate(DENSE_DTYPES[x.dtype], x.numel() // x.shape[-1], x.shape[-1], x.data_ptr(),
+                                        cos.contiguous().data_ptr(), sin.contiguous().data_ptr(), out.data_ptr())
+    if status:
+        raise RuntimeError(f"dense_rotate failed ({status})")
+    return out
+
+
+def dense_attention_input(h: Tensor, norm_weight: Tensor, eps: float, qkv_weight: Tensor, cos: Tensor,
+                          sin: Tensor, heads: int, kv_heads: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One decode step's h [B, 1, d] -> x = RMSNorm(h) [B, 1, d] and, from x·Wqkvᵀ, q rotated by the step's
+    cos, sin [1, D] as [B, H, 1, D], k and v [B, Hkv, 1, D] (see `dense_usable`)."""
+    h = h.contiguous()
+    batch, _, width = h.shape
+    dim = cos.shape[-1]
+    x = torch.empty_like(h)
+    q = h.new_empty(batch, heads, 1, dim)
+    k, v = h.new_empty(batch, kv_heads, 1, dim), h.new_empty(batch, kv_heads, 1, dim)
+    _call("dense_attention_input", DENSE_DTYPES[h.dtype], batch, width, heads, kv_heads, dim, h.data_ptr(),
+          norm_weight.data_ptr(), eps, qkv_weight.data_ptr(), cos.contiguous().data_ptr(),
+          sin.contiguous().data_ptr(), x.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr())
+    return x, q, k, v
+
+
+def dense_block_output(h: Tensor, attention: Tensor, o_weight: Tensor, norm_weight: Tensor, eps: float,
+                       gate_up_weight: Tensor, down_weight: Tensor) -> Tensor:
+    """The rest of a Llama block for one decode step: h [B, 1, d] and the attention output [B, H, 1, D] ->
+    h1 + MLP(RMSNorm(h1)) for h1 = h + attention·Woᵀ, with the MLP's gate|up weight [2 F, d] (see `dense_usable`)."""
+    h = h.contiguous()
+    batch, _, width = h.shape
+    attention = attention.transpose(1, 2).contiguous()  # [B, 1, H, D]: the rows o_proj reads
+    out = torch.empty_like(h)
+    _call("dense_block_output", DENSE_DTYPES[h.dtype], batch, width, o_weight.shape[1], down_weight.shape[1],
+          h.data_ptr(), attention.data_ptr(), o_weight.data_ptr(), norm_weight.data_ptr(), eps,
+          gate_up_weight.data_ptr(), down_weight.data_ptr(), out.data_ptr())
+    return out

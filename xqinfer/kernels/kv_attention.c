@@ -5,7 +5,7 @@
  * stream's ring instead; slots the mask excludes are skipped, so the empty part of a span bucket costs nothing.
  *
  * Shapes (BH = batch * kv_heads, each with its own stride; R = query rows per KV head, D = head_dim, N = span):
- *   q [BH, R, D] float32, already multiplied by the softmax scale
+ *   q [BH, R, D] float32 (row stride q_stride), multiplied here by the softmax scale q_scale
  *   keys: codes [BH][N][kbytes] uint8; scale, zero [BH][N / kgroup][D] float32 (calibrated); ring [BH][kring][D]
  *         (bits = 32: the rows themselves, float32, for a plain KV cache; no scale, zero or ring)
  *   values: codes [BH][N][vbytes] uint8; scale, zero [BH][N][vgroups] float32 (group c / vgroup); ring [BH][vring][D]
@@ -108,7 +108,22 @@ static inline const float *value_row(const stream_t *v, int64_t bh, int64_t n, i
     return dst;
 }
 
-int kv_decode_attention(int64_t BH, int64_t R, int64_t N, int64_t D, const float *q, int64_t q_stride,
+void rotate_half(int dtype, const float *x, const void *cos, const void *sin, int64_t D, void *out, int64_t at);
+
+/* Stores one decode step's key and value rows [BH][D] at `slot` of plain float32 buffers [BH][capacity][D] (head
+ * stride `head_stride` floats), the key rotated by the step's cos, sin [D]: what a plain cache writes per token. */
+int plain_store(int64_t BH, int64_t D, const float *k, const float *v, const float *cos, const float *sin,
+                float *keys, float *values, int64_t head_stride, int64_t slot) {
+    if (D % 2) return 1;
+    for (int64_t bh = 0; bh < BH; bh++) {
+        rotate_half(0, k + bh * D, cos, sin, D, keys, bh * head_stride + slot * D);
+        memcpy(values + bh * head_stride + slot * D, v + bh * D, sizeof(float) * D);
+    }
+    return 0;
+}
+
+int kv_decode_attention(int64_t BH, int64_t R, int64_t N, int64_t D, const float *query, int64_t q_stride,
+                        float q_scale,
                         const uint8_t *kcodes, int64_t kcode_stride, int64_t krow_bytes, int kbits, int64_t kgroup,
                         const float *kscale, const float *kzero, int64_t kparam_stride, const uint8_t *krecent,
                         const int64_t *krows, const float *kring, int64_t kring_stride, const uint8_t *vcodes,
@@ -117,6 +132,12 @@ int kv_decode_attention(int64_t BH, int64_t R, int64_t N, int64_t D, const float
                         const int64_t *vrows, const float *vring, int64_t vring_stride, const uint8_t *allowed,
                         float *out, int threads) {
     if (D > MAX_DIM || R < 1 || N < 1) return 1;
+    /* the softmax scale, applied once to a dense copy of q */
+    float *q = malloc(sizeof(float) * BH * R * D);
+    if (!q) return 2;
+    for (int64_t bh = 0; bh < BH; bh++)
+        for (int64_t i = 0; i < R * D; i++) q[bh * R * D + i] = query[bh * q_stride + i] * q_scale;
+    q_stride = R * D;
     const stream_t k = {kcodes, kcode_stride, krow_bytes, kbits, kgroup, 0, kscale, kzero, kparam_stride,
                         krecent, krows, kring, kring_stride};
     const stream_t v = {vcodes, vcode_stride, vrow_bytes, vbits, vgroup, vgroups, vscale, vzero, vparam_stride,
@@ -130,7 +151,7 @@ int kv_decode_attention(int64_t BH, int64_t R, int64_t N, int64_t D, const float
     float *scores = malloc(sizeof(float) * BH * R * N);
     float *partial = calloc((size_t)threads * BH * R * D, sizeof(float));
     float *work = malloc(sizeof(float) * threads * work_size);
-    if (!scores || !partial || !work) { free(scores); free(partial); free(work); return 2; }
+    if (!scores || !partial || !work) { free(q); free(scores); free(partial); free(work); return 2; }
 
 #pragma omp parallel num_threads(threads)
     {
@@ -217,6 +238,7 @@ int kv_decode_attention(int64_t BH, int64_t R, int64_t N, int64_t D, const float
     memcpy(out, partial, sizeof(float) * size);
     for (int t = 1; t < threads; t++)
         for (int64_t i = 0; i < size; i++) out[i] += partial[(int64_t)t * size + i];
+    free(q);
     free(scores);
     free(partial);
     free(work);
