@@ -279,7 +279,13 @@ def calibrated_params(scale: Tensor, zero: Tensor, bits: int, eta: float = 0.0) 
     s = _cast(scale, torch.float32)
     if eta == 0.0:
         return s, _cast(zero, torch.float32)
-    return (1.0 - 2.0 * eta) * s, _float32_operand(zero) + (eta * _levels(bits)) * s
+    a, b = calibration(bits, eta)
+    return a * s, _float32_operand(zero) + b * s
+
+
+def calibration(bits: int, eta: float) -> tuple[float, float]:
+    """(a, b) of the calibrated parameters ``ŝ = a·s``, ``ẑ = z + b·s`` (see `calibrated_params`)."""
+    return 1.0 - 2.0 * eta, eta * _levels(bits)
 
 
 def dequantize_codes(

@@ -8,8 +8,8 @@ import torch
 from torch import Tensor
 
 from .. import quant
-from ..rope import apply_rotary
 from ..kernels import cpu
+from ..rope import apply_rotary
 from .base import Cache, Step
 from .stream import QuantStream
 
@@ -33,13 +33,15 @@ def stream_arrays(stream: QuantStream, step: Step) -> cpu.StreamArrays:
     owner = stream
     while owner.codes is None:  # shared codes (XQuant-KV): the buffer of the layer that stores them
         owner = owner.codes_from
-    params = step.span if stream.axis == "token" else step.span // stream.group
-    scale, zero = quant.calibrated_params(stream.scale[..., :params, :], stream.zero[..., :params, :], stream.bits,
-                                          stream.eta)
+    # Scale and zero as stored (fp16), calibrated in the kernel: no per-step cast or calibration of the history's.
+    calibration = quant.calibration(stream.bits, stream.eta)
     if not stream.ring_size:
-        return cpu.StreamArrays(owner.codes, stream.bits, stream.group, scale, zero)
+        return cpu.StreamArrays(owner.codes, stream.bits, stream.group, stream.scale, stream.zero,
+                                calibration=calibration)
     recent, rows = stream.ring_reads(step.stored_length, step.stored_positions, step.shared)
-    return cpu.StreamArrays(owner.codes, stream.bits, stream.group, scale, zero, recent, rows, stream.ring.float())
+    ring = stream.ring if stream.ring.dtype == torch.float32 else stream.ring.float()
+    return cpu.StreamArrays(owner.codes, stream.bits, stream.group, stream.scale, stream.zero, recent, rows, ring,
+                            calibration)
 
 
 def attend(q: Tensor, keys: cpu.StreamArrays, values: cpu.StreamArrays, step: Step, scale: float) -> Tensor:

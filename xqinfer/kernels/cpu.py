@@ -79,10 +79,11 @@ def _library() -> tuple[ctypes.CDLL | None, str | None]:
         return None, f"the CPU kernels did not load: {exc}"
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     stream = [ptr, i64, i64, ctypes.c_int, i64]
+    params = [ptr, ptr, i64, ctypes.c_int, ctypes.c_float, ctypes.c_float]  # scale, zero, stride, half, a, b
     library.kv_decode_attention.argtypes = (
         [i64, i64, i64, i64, ptr, i64, ctypes.c_float]
-        + stream + [ptr, ptr, i64, ptr, ptr, ptr, i64]
-        + stream + [i64, ptr, ptr, i64, ptr, ptr, ptr, i64]
+        + stream + params + [ptr, ptr, ptr, i64]
+        + stream + [i64] + params + [ptr, ptr, ptr, i64]
         + [ptr, ptr, ctypes.c_int])
     library.kv_decode_attention.restype = ctypes.c_int
     library.plain_store.argtypes = [i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64]
@@ -140,8 +141,10 @@ def kv_decode_attention(q: Tensor, keys: "StreamArrays", values: "StreamArrays",
                  stream.bits, stream.group]
         if stream is values:
             args.append(stream.scale.shape[-1] if stream.scale is not None else 1)
-        args += [_pointer(stream.scale), _pointer(stream.zero), _head_stride(stream.scale),
-                 _pointer(stream.recent), _pointer(stream.rows), _pointer(stream.ring), _head_stride(stream.ring)]
+        half = stream.scale is not None and stream.scale.dtype == torch.float16
+        args += [_pointer(stream.scale), _pointer(stream.zero), _head_stride(stream.scale), int(half),
+                 *stream.calibration, _pointer(stream.recent), _pointer(stream.rows), _pointer(stream.ring),
+                 _head_stride(stream.ring)]
     status = library.kv_decode_attention(*args, allowed.data_ptr(), out.data_ptr(), torch.get_num_threads())
     if status:
         raise RuntimeError(f"kv_decode_attention failed ({status})")
@@ -163,20 +166,27 @@ def plain_store(keys: Tensor, values: Tensor, k: Tensor, v: Tensor, cos: Tensor,
 
 
 class StreamArrays:
-    """One stream as the kernel reads it: packed codes [B, Hkv, >= N, bytes] uint8, float32 scale and zero
-    (per channel [B, Hkv, N / group, D], per token [B, Hkv, N, ceil(D / group)]), and the residual window:
-    recent [N] bool, rows [N] int64 and the float32 ring [B, Hkv, ring, D] (all None when nothing reads from it).
-    `plain(rows)`: a plain float32 K or V [B, Hkv, >= N, D], read as it is."""
+    """One stream as the kernel reads it: packed codes [B, Hkv, >= N, bytes] uint8, scale and zero as stored (float32
+    or float16; per channel [B, Hkv, >= N / group, D], per token [B, Hkv, >= N, ceil(D / group)]), the calibration
+    (a, b) that the kernel applies to them (s' = a s, z' = z + b s; see `quant.calibrated_params`), and the residual
+    window: recent [N] bool, rows [N] int64 and the float32 ring [B, Hkv, ring, D] (all None when nothing reads
+    from it). `plain(rows)`: a plain float32 K or V [B, Hkv, >= N, D], read as it is."""
 
-    __slots__ = ("codes", "bits", "group", "scale", "zero", "recent", "rows", "ring")
+    __slots__ = ("codes", "bits", "group", "scale", "zero", "calibration", "recent", "rows", "ring")
 
     def __init__(self, codes: Tensor, bits: int, group: int, scale: Tensor | None, zero: Tensor | None,
-                 recent: Tensor | None = None, rows: Tensor | None = None, ring: Tensor | None = None) -> None:
+                 recent: Tensor | None = None, rows: Tensor | None = None, ring: Tensor | None = None,
+                 calibration: tuple[float, float] = (1.0, 0.0)) -> None:
         if (bits, codes.dtype) != (PLAIN, torch.float32) and (bits not in BITS or codes.dtype != torch.uint8):
             raise ValueError(f"the CPU kernel reads {', '.join(map(str, BITS))}-bit uint8 codes or float32 rows")
-        if any(t is not None and t.dtype != torch.float32 for t in (scale, zero, ring)):
-            raise ValueError("the CPU kernel reads float32 scales, zeros and rings")
+        if any(t is not None and t.dtype not in (torch.float32, torch.float16) for t in (scale, zero)):
+            raise ValueError("the CPU kernel reads float32 or float16 scales and zeros")
+        if scale is not None and scale.dtype != zero.dtype:
+            raise ValueError("the CPU kernel reads a scale and a zero of one dtype")
+        if ring is not None and ring.dtype != torch.float32:
+            raise ValueError("the CPU kernel reads float32 rings")
         self.codes, self.bits, self.group, self.scale, self.zero = codes, bits, group, scale, zero
+        self.calibration = calibration
         self.recent = None if recent is None else recent.contiguous()
         self.rows = None if rows is None else rows.contiguous()
         self.ring = ring

@@ -6,9 +6,11 @@
  *
  * Shapes (BH = batch * kv_heads, each with its own stride; R = query rows per KV head, D = head_dim, N = span):
  *   q [BH, R, D] float32 (row stride q_stride), multiplied here by the softmax scale q_scale
- *   keys: codes [BH][N][kbytes] uint8; scale, zero [BH][N / kgroup][D] float32 (calibrated); ring [BH][kring][D]
+ *   keys: codes [BH][N][kbytes] uint8; scale, zero [BH][N / kgroup][D]; ring [BH][kring][D] float32
  *         (bits = 32: the rows themselves, float32, for a plain KV cache; no scale, zero or ring)
- *   values: codes [BH][N][vbytes] uint8; scale, zero [BH][N][vgroups] float32 (group c / vgroup); ring [BH][vring][D]
+ *   values: codes [BH][N][vbytes] uint8; scale, zero [BH][N][vgroups] (group c / vgroup); ring [BH][vring][D]
+ *   scale and zero as stored (float32, or float16 where half is set), calibrated here: s' = a s, z' = z + b s
+ *   (XQuant-KV's eta: a = 1 - 2 eta, b = eta (2^bits - 1); a = 1, b = 0 without calibration)
  *   recent [N] uint8 (1: read from the ring, at row rows[n]), per stream; NULL when no slot is
  *   allowed [N] uint8: the mask of the one query position (every row of a KV head shares it)
  *   out [BH, R, D] float32
@@ -37,8 +39,10 @@ typedef struct {
     int bits;
     int64_t group;         /* keys: tokens per group; values: channels per group */
     int64_t groups;        /* values: groups per token (ceil(D / group)) */
-    const float *scale, *zero;
-    int64_t param_stride;  /* floats between BH rows of scale/zero */
+    const void *scale, *zero;
+    int64_t param_stride;  /* elements between BH rows of scale/zero */
+    int half;              /* scale and zero are float16 */
+    float cal_scale, cal_shift;
     const uint8_t *recent; /* NULL: nothing read from the ring */
     const int64_t *rows;
     const float *ring;
@@ -64,6 +68,30 @@ static inline float exp_nonpositive(float x) {
     return p * scale;
 }
 
+static inline float f16_to_f32(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exponent = (h >> 10) & 0x1fu, mantissa = h & 0x3ffu;
+    uint32_t bits;
+    if (exponent == 0x1f) bits = sign | 0x7f800000u | (mantissa << 13);
+    else if (exponent) bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
+    else {  /* zero or subnormal: mantissa * 2^-24, exact in float32 */
+        const float magnitude = (float)mantissa * 5.9604644775390625e-8f;
+        return sign ? -magnitude : magnitude;
+    }
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* s[0..count), z[0..count) = the calibrated parameters from element `at` of a stream's scale and zero */
+static inline void load_params(const stream_t *t, int64_t at, int64_t count, float *s, float *z) {
+    for (int64_t i = 0; i < count; i++) {
+        const float raw_s = t->half ? f16_to_f32(((const uint16_t *)t->scale)[at + i]) : ((const float *)t->scale)[at + i];
+        const float raw_z = t->half ? f16_to_f32(((const uint16_t *)t->zero)[at + i]) : ((const float *)t->zero)[at + i];
+        s[i] = t->cal_scale * raw_s;
+        z[i] = raw_z + t->cal_shift * raw_s;
+    }
+}
+
 /* lut[b * per + i]: code i of byte b, as a float (bits 1, 2, 4) */
 static float LUT1[256 * 8], LUT2[256 * 4], LUT4[256 * 2];
 
@@ -75,15 +103,23 @@ __attribute__((constructor)) static void make_luts(void) {
     }
 }
 
-/* dst[0..D) (+ padding up to the last byte's codes) = the codes of one packed row, as floats */
-static inline void unpack_row(const uint8_t *src, int bits, int64_t row_bytes, float *dst) {
-    if (bits == 8) {
-        for (int64_t j = 0; j < row_bytes; j++) dst[j] = (float)src[j];
-        return;
+/* dst[0..D) (+ padding up to the last byte's codes) = the codes of one packed row, as floats (constant-size
+ * copies from the tables, which the compiler turns into vector moves) */
+static inline void unpack_row(const uint8_t *restrict src, int bits, int64_t row_bytes, float *restrict dst) {
+    switch (bits) {
+    case 8: for (int64_t j = 0; j < row_bytes; j++) dst[j] = (float)src[j]; break;
+    case 4: for (int64_t j = 0; j < row_bytes; j++) memcpy(dst + 2 * j, LUT4 + 2 * (int64_t)src[j], 2 * sizeof(float)); break;
+    case 2: for (int64_t j = 0; j < row_bytes; j++) memcpy(dst + 4 * j, LUT2 + 4 * (int64_t)src[j], 4 * sizeof(float)); break;
+    default: for (int64_t j = 0; j < row_bytes; j++) memcpy(dst + 8 * j, LUT1 + 8 * (int64_t)src[j], 8 * sizeof(float));
     }
-    const int per = 8 / bits;
-    const float *lut = bits == 1 ? LUT1 : bits == 2 ? LUT2 : LUT4;
-    for (int64_t j = 0; j < row_bytes; j++) memcpy(dst + j * per, lut + (int64_t)src[j] * per, per * sizeof(float));
+}
+
+/* codes[i * row_bytes + j] = code i of byte j: a packed row unpacked in the order its bit fields sit in */
+static inline void unpack_permuted(const uint8_t *restrict packed, int64_t row_bytes, int bits,
+                                   float *restrict codes) {
+    const int per = 8 / bits, mask = (1 << bits) - 1;
+    for (int i = 0; i < per; i++)
+        for (int64_t j = 0; j < row_bytes; j++) codes[i * row_bytes + j] = (float)((packed[j] >> (i * bits)) & mask);
 }
 
 /* Row n of head bh where it is held in float32: a plain stream's row, or the ring's copy of a recent token; NULL
@@ -99,11 +135,13 @@ static inline const float *value_row(const stream_t *v, int64_t bh, int64_t n, i
     const float *exact = exact_row(v, bh, n, D);
     if (exact) return exact;
     unpack_row(v->codes + bh * v->code_stride + n * v->row_bytes, v->bits, v->row_bytes, dst);
-    const float *s = v->scale + bh * v->param_stride + n * v->groups;
-    const float *z = v->zero + bh * v->param_stride + n * v->groups;
+    float s[MAX_DIM], z[MAX_DIM];
+    load_params(v, bh * v->param_stride + n * v->groups, v->groups, s, z);
+    float *restrict row = dst;
     for (int64_t g = 0; g < v->groups; g++) {
         const int64_t end = (g + 1) * v->group < D ? (g + 1) * v->group : D;
-        for (int64_t d = g * v->group; d < end; d++) dst[d] = dst[d] * s[g] + z[g];
+        const float scale = s[g], zero = z[g];
+        for (int64_t d = g * v->group; d < end; d++) row[d] = row[d] * scale + zero;
     }
     return dst;
 }
@@ -125,10 +163,12 @@ int plain_store(int64_t BH, int64_t D, const float *k, const float *v, const flo
 int kv_decode_attention(int64_t BH, int64_t R, int64_t N, int64_t D, const float *query, int64_t q_stride,
                         float q_scale,
                         const uint8_t *kcodes, int64_t kcode_stride, int64_t krow_bytes, int kbits, int64_t kgroup,
-                        const float *kscale, const float *kzero, int64_t kparam_stride, const uint8_t *krecent,
+                        const void *kscale, const void *kzero, int64_t kparam_stride, int khalf, float kcal_scale,
+                        float kcal_shift, const uint8_t *krecent,
                         const int64_t *krows, const float *kring, int64_t kring_stride, const uint8_t *vcodes,
                         int64_t vcode_stride, int64_t vrow_bytes, int vbits, int64_t vgroup, int64_t vgroups,
-                        const float *vscale, const float *vzero, int64_t vparam_stride, const uint8_t *vrecent,
+                        const void *vscale, const void *vzero, int64_t vparam_stride, int vhalf, float vcal_scale,
+                        float vcal_shift, const uint8_t *vrecent,
                         const int64_t *vrows, const float *vring, int64_t vring_stride, const uint8_t *allowed,
                         float *out, int threads) {
     if (D > MAX_DIM || R < 1 || N < 1) return 1;
@@ -138,15 +178,15 @@ int kv_decode_attention(int64_t BH, int64_t R, int64_t N, int64_t D, const float
     for (int64_t bh = 0; bh < BH; bh++)
         for (int64_t i = 0; i < R * D; i++) q[bh * R * D + i] = query[bh * q_stride + i] * q_scale;
     q_stride = R * D;
-    const stream_t k = {kcodes, kcode_stride, krow_bytes, kbits, kgroup, 0, kscale, kzero, kparam_stride,
-                        krecent, krows, kring, kring_stride};
+    const stream_t k = {kcodes, kcode_stride, krow_bytes, kbits, kgroup, 0, kscale, kzero, kparam_stride, khalf,
+                        kcal_scale, kcal_shift, krecent, krows, kring, kring_stride};
     const stream_t v = {vcodes, vcode_stride, vrow_bytes, vbits, vgroup, vgroups, vscale, vzero, vparam_stride,
-                        vrecent, vrows, vring, vring_stride};
+                        vhalf, vcal_scale, vcal_shift, vrecent, vrows, vring, vring_stride};
     const int64_t blocks = (N + BLOCK - 1) / BLOCK, items = BH * blocks;
     /* Quantized keys: the scale folds into the query once per group of tokens (qs = q * s, qz = q . z), and codes
      * are unpacked in the order their bit fields sit in (code i of every byte, then code i + 1), which vectorizes;
      * qs is laid out in that order too, so only the order of a dot product's terms changes. */
-    const int per = kbits == 32 ? 1 : 8 / kbits, mask = kbits == 32 ? 0 : (1 << kbits) - 1;
+    const int per = kbits == 32 ? 1 : 8 / kbits;
     const int64_t width = krow_bytes * per, work_size = R * width + R + width;
     float *scores = malloc(sizeof(float) * BH * R * N);
     float *partial = calloc((size_t)threads * BH * R * D, sizeof(float));
@@ -155,7 +195,7 @@ int kv_decode_attention(int64_t BH, int64_t R, int64_t N, int64_t D, const float
 
 #pragma omp parallel num_threads(threads)
     {
-        float row[MAX_DIM + 8];
+        float row[MAX_DIM + 8], scale[MAX_DIM], zero[MAX_DIM];
         float *qs = work + (int64_t)thread_index() * work_size, *qz = qs + R * width, *codes = qz + R;
         int64_t group_loaded = -1, bh_loaded = -1;
 #pragma omp for schedule(static)
@@ -180,8 +220,7 @@ int kv_decode_attention(int64_t BH, int64_t R, int64_t N, int64_t D, const float
                 }
                 const int64_t group = n / k.group;
                 if (group != group_loaded || bh != bh_loaded) {
-                    const float *scale = k.scale + bh * k.param_stride + group * D;
-                    const float *zero = k.zero + bh * k.param_stride + group * D;
+                    load_params(&k, bh * k.param_stride + group * D, D, scale, zero);
                     for (int64_t r = 0; r < R; r++) {
                         const float *qr = q + bh * q_stride + r * D;
                         float dot = 0.f;
@@ -195,16 +234,11 @@ int kv_decode_attention(int64_t BH, int64_t R, int64_t N, int64_t D, const float
                     }
                     group_loaded = group, bh_loaded = bh;
                 }
-                const uint8_t *packed = k.codes + bh * k.code_stride + n * k.row_bytes;
-                for (int i = 0; i < per; i++) {
-                    const int shift = i * kbits;
-                    for (int64_t j = 0; j < krow_bytes; j++)
-                        codes[i * krow_bytes + j] = (float)((packed[j] >> shift) & mask);
-                }
+                unpack_permuted(k.codes + bh * k.code_stride + n * k.row_bytes, krow_bytes, kbits, codes);
                 for (int64_t r = 0; r < R; r++) {
-                    const float *qr = qs + r * width;
+                    const float *restrict qr = qs + r * width, *restrict unpacked = codes;
                     float dot = qz[r];
-                    for (int64_t p = 0; p < width; p++) dot += qr[p] * codes[p];
+                    for (int64_t p = 0; p < width; p++) dot += qr[p] * unpacked[p];
                     s[r * N] = dot;
                 }
             }
@@ -225,10 +259,10 @@ int kv_decode_attention(int64_t BH, int64_t R, int64_t N, int64_t D, const float
             const int64_t end = start + BLOCK < N ? start + BLOCK : N;
             for (int64_t n = start; n < end; n++) {
                 if (!allowed[n]) continue;
-                const float *value = value_row(&v, bh, n, D, row);
+                const float *restrict value = value_row(&v, bh, n, D, row);
                 for (int64_t r = 0; r < R; r++) {
                     const float p = scores[bh * R * N + r * N + n];
-                    float *o = acc + (bh * R + r) * D;
+                    float *restrict o = acc + (bh * R + r) * D;
                     for (int64_t d = 0; d < D; d++) o[d] += p * value[d];
                 }
             }
