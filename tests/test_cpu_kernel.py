@@ -1,7 +1,8 @@
 """The CPU decode kernel (kernels/kv_attention.c) against the torch path of KVQuantLayer, its reference.
 
 Every decode step of every layer is run both ways from the same cache state: the torch path first (then the state
-is put back), the kernel second, and their attention outputs must agree to float32 rounding. Comparing whole runs
+is put back), the kernel second; their attention outputs must agree to float32 rounding and the states they leave
+must be equal. Comparing whole runs
 instead would not work: a 1e-6 difference in a hidden state can flip a quantization code of the next token.
 """
 
@@ -44,11 +45,14 @@ def run_both_ways(model, spec: str, prompt: int, steps: int, batch: int = 1, cap
         layer.parent.kernel_unusable = "the reference"
         reference = attend(layer, step, x, q, k, v)
         assert layer.decode_path == "torch"
+        stored = [t.clone() for t in layer.tensors()]
         for tensor, before in zip(layer.tensors(), saved):
             tensor.copy_(before)
         del layer.parent.kernel_unusable  # back to the cached answer: the kernel
         out = attend(layer, step, x, q, k, v)
         assert layer.decode_path == "cpu"
+        # The kernel path's store (kernels.cpu.kivi_store) leaves the cache bit for bit as the torch path's write.
+        assert all(torch.equal(a, b) for a, b in zip(layer.tensors(), stored))
         errors.append(((out - reference).abs().max() / reference.abs().max()).item())
         return reference
 
@@ -71,6 +75,7 @@ def run_both_ways(model, spec: str, prompt: int, steps: int, batch: int = 1, cap
     "kivi:bits=2,residual=0",  # no value ring; keys read the open group from theirs
     "kivi:bits=2,residual=32",  # the residual window moves past quantized tokens during the steps
     "kivi:bits=4,group=48,residual=96",  # ragged value groups: 48 + 16 channels of a 64-wide head
+    "kivi:bits=2,group=16,residual=16", "kivi:bits=8,group=64,residual=0",
     "asymkv",  # 1-bit values
     "xquant-kv",  # 1-bit codes, calibration and codes shared across layers
     "xquant-kv:kq=4,vq=0,km=3,vm=1",
@@ -78,6 +83,24 @@ def run_both_ways(model, spec: str, prompt: int, steps: int, batch: int = 1, cap
 def test_kernel_equals_the_torch_path(llama, spec):
     errors = run_both_ways(llama, spec, prompt=150, steps=40)
     assert max(errors) < 1e-5, f"{spec}: worst relative error {max(errors):.3g}"
+
+
+@pytest.mark.parametrize("head_dim", [128, 40])  # the kernel's copy for 128-channel heads, and its generic one
+@pytest.mark.parametrize("spec", ["fp16", "kivi:bits=2,residual=32", "xquant-kv"])
+def test_kernel_at_other_head_sizes(spec, head_dim):
+    model = random_model(ModelConfig.from_dict({**LLAMA, "head_dim": head_dim}), torch.float32, "cpu", seed=7)
+    if spec == "fp16":
+        engine = Engine(model, spec, capacity=256, cuda_graph=False)
+        with torch.inference_mode():
+            token = engine.prefill(list(range(150))).argmax(-1)
+            kernel = engine.decode(token, int(token[0]))
+            engine.cache.kernel_unusable = "the reference"
+            engine.reset()
+            token = engine.prefill(list(range(150))).argmax(-1)
+            reference = engine.decode(token, int(token[0]))
+        assert (kernel - reference).abs().max() < 1e-4
+        return
+    assert max(run_both_ways(model, spec, prompt=150, steps=10)) < 1e-5
 
 
 def test_kernel_with_two_sequences(llama):
@@ -93,6 +116,7 @@ def test_kernel_over_a_sliding_window_ring():
 @pytest.mark.parametrize("spec, reason", [
     ("kivi:bits=3", "the CPU kernel reads 1, 2, 4, 8-bit codes"),
     ("kivi:bits=2,prerope=1", "prerope=1 rotates the keys after dequantizing them"),
+    ("kivi:bits=2,group=20,residual=40", "the CPU kernel reads value groups of a multiple of 8 channels"),
 ])
 def test_what_the_kernel_leaves_to_torch(llama, spec, reason):
     engine = Engine(llama, spec, capacity=256, cuda_graph=False)

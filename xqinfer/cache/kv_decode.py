@@ -10,21 +10,25 @@ from torch import Tensor
 from .. import quant
 from ..kernels import cpu
 from ..rope import apply_rotary
-from .base import Cache, Step
+from .base import FIRST_POSITION, Cache, Step
 from .stream import QuantStream
 
 
-def unusable(cache: Cache, widths: set[int]) -> str | None:
-    """Why the decode steps of `cache`, whose K and V are stored `widths` bits wide, cannot run the CPU kernel
-    (None: they can). One answer for all layers, since a layer that shares codes reads its partner's buffer."""
+def unusable(cache: Cache, widths: set[int], value_groups: set[int] = frozenset()) -> str | None:
+    """Why the decode steps of `cache`, whose K and V are stored `widths` bits wide (values quantized per token in
+    groups of `value_groups` channels), cannot run the CPU kernel (None: they can). One answer for all layers, since
+    a layer that shares codes reads its partner's buffer."""
     if not cache.host_steps:
         return "the CPU kernel runs in CPU steps only (never captured in a graph)"
-    if cache.config.head_dim > cpu.MAX_DIM:
-        return f"head_dim {cache.config.head_dim} is above the CPU kernel's {cpu.MAX_DIM}"
+    head_dim = cache.config.head_dim
+    if head_dim > cpu.MAX_DIM or head_dim % cpu.LANES:
+        return f"the CPU kernel reads heads of a multiple of {cpu.LANES} up to {cpu.MAX_DIM} channels, not {head_dim}"
     if not widths <= {*cpu.BITS, cpu.PLAIN}:
         return f"the CPU kernel reads {', '.join(map(str, cpu.BITS))}-bit codes"
     if cpu.PLAIN in widths and cache.dtype != torch.float32:
         return "the CPU kernel reads plain K and V in float32 only"
+    if any(group % cpu.LANES for group in value_groups):
+        return f"the CPU kernel reads value groups of a multiple of {cpu.LANES} channels"
     return cpu.unavailable()
 
 
@@ -42,6 +46,18 @@ def stream_arrays(stream: QuantStream, step: Step) -> cpu.StreamArrays:
     ring = stream.ring if stream.ring.dtype == torch.float32 else stream.ring.float()
     return cpu.StreamArrays(owner.codes, stream.bits, stream.group, stream.scale, stream.zero, recent, rows, ring,
                             calibration)
+
+
+def store(keys: QuantStream, values: QuantStream, k: Tensor, v: Tensor, step: Step) -> None:
+    """Stores the step's one token k, v [B, Hkv, 1, D] (k before RoPE) as `keys.write` and `values.write` would,
+    per-channel keys and per-token values: both rings and the value's codes in one call, then the keys' group in
+    torch when the token closes it (once in `group` steps)."""
+    position = step.shared[FIRST_POSITION]
+    ring = values.ring if values.ring_size else None
+    cpu.kivi_store(k, v, step.cos, step.sin, keys.ring, position % keys.ring_size, values.codes, values.scale,
+                   values.zero, position % values.capacity, values.bits, values.group, ring,
+                   position % values.ring_size if ring is not None else 0)
+    keys.store_closing_group(step.positions, step.shared)
 
 
 def attend(q: Tensor, keys: cpu.StreamArrays, values: cpu.StreamArrays, step: Step, scale: float) -> Tensor:

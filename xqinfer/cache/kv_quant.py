@@ -63,7 +63,13 @@ class KVQuantCache(Cache):
         if self.prerope:
             return "prerope=1 rotates the keys after dequantizing them"
         widths = {bits for layer in self.layers for bits in (layer.keys.bits, layer.values.bits)}
-        return kv_decode.unusable(self, widths)
+        return kv_decode.unusable(self, widths, {layer.values.group for layer in self.layers})
+
+    @cached_property
+    def stores_in_kernel(self) -> bool:
+        """Whether the kernel path's decode steps also store their token in one call (`kv_decode.store`): float32
+        rows and float16 scales, as `kernels.cpu.kivi_store` writes them."""
+        return self.dtype == torch.float32 and all(layer.values.scale.dtype == torch.float16 for layer in self.layers)
 
     def make_layer(self, index: int) -> LayerCache:
         return KVQuantLayer(self, index)
@@ -119,19 +125,22 @@ class KVQuantLayer(LayerCache):
         prerope, positions = self.parent.prerope, step.positions
         kernel = positions.shape[0] == 1 and not step.concat and self.parent.kernel_unusable is None
         self.note_decode_path(step, "cpu" if kernel else "torch")
-        # The CPU kernel path rotates its one token in one call (it never stores keys before RoPE).
-        k_rotated = kv_decode.rotate(k, step) if kernel else apply_rotary(k, step.cos, step.sin)
+        if kernel:
+            # CPU decode: the token stored in one call where the kernel can (the CPU kernel path never stores keys
+            # before RoPE), attention straight from the codes, the history never dequantized into memory.
+            if self.parent.stores_in_kernel:
+                kv_decode.store(self.keys, self.values, k, v, step)
+            else:
+                self.keys.write(kv_decode.rotate(k, step), positions, step.shared)
+                self.values.write(v, positions, step.shared)
+            keys, values = kv_decode.stream_arrays(self.keys, step), kv_decode.stream_arrays(self.values, step)
+            return kv_decode.attend(q, keys, values, step, self.projection.scale)
+        k_rotated = apply_rotary(k, step.cos, step.sin)
         stored_k = k if prerope else k_rotated
 
         def write() -> None:
             self.keys.write(stored_k, positions, step.shared)
             self.values.write(v, positions, step.shared)
-
-        if kernel:
-            # CPU decode: attention straight from the codes, the history never dequantized into memory.
-            write()
-            keys, values = kv_decode.stream_arrays(self.keys, step), kv_decode.stream_arrays(self.values, step)
-            return kv_decode.attend(q, keys, values, step, self.projection.scale)
 
         def read() -> tuple[Tensor, Tensor]:
             keys = self.keys.read(step.stored_length, step.stored_positions, step.shared)

@@ -205,7 +205,7 @@ class QuantStream:
         elif y.shape[-2] == 1:
             # One token (decode): once it is in the ring, so is all of its group.
             self._write_ring(y, positions, shared)
-            self._write_closing_group(positions, shared)
+            self.store_closing_group(positions, shared)
         else:
             self._write_channel_groups(y, positions)
             self._write_ring(y, positions, shared)
@@ -242,8 +242,9 @@ class QuantStream:
         rows = _once(shared, ("write: ring rows", ring, tail), lambda: _last(positions, tail) % ring)
         self.ring.index_copy_(-2, rows, _last(y, tail, dim=-2))
 
-    def _write_closing_group(self, positions: Tensor, shared: dict | None) -> None:
-        """Quantizes the group of the one token just written to the ring, and stores it if that token closes it.
+    def store_closing_group(self, positions: Tensor, shared: dict | None) -> None:
+        """Quantizes the group of the one token just written to the ring (per channel), and stores it if that token
+        closes it.
 
         Every step quantizes (static shapes), but only a closing token's group is stored: the open group's slots
         keep what they hold until then. The ring holds the whole group since it is a multiple of the group size.

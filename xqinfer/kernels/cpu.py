@@ -30,6 +30,7 @@ FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-math-errn
 BITS = (1, 2, 4, 8)  # the code widths the kernel unpacks (3-bit codes straddle bytes: torch path)
 PLAIN = 32  # the `bits` of a plain float32 K or V: rows read as they are
 MAX_DIM = 512  # kv_attention.c's MAX_DIM
+LANES = 8  # kv_attention.c's LANES: head_dim and per-token value groups are multiples of it
 MAX_ROWS = 16  # dense.c's MAX_ROWS: the most rows (sequences of a decode step) one dense call multiplies
 DENSE_DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # dense.c's dtype codes
 
@@ -88,6 +89,9 @@ def _library() -> tuple[ctypes.CDLL | None, str | None]:
     library.kv_decode_attention.restype = ctypes.c_int
     library.plain_store.argtypes = [i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64]
     library.plain_store.restype = ctypes.c_int
+    library.kivi_store.argtypes = [i64, i64, ptr, ptr, ptr, ptr, i64, i64, ptr, ctypes.c_int, i64, ptr, i64, ptr, ptr,
+                                   i64, i64, ptr, i64, i64]
+    library.kivi_store.restype = ctypes.c_int
     f32, flag = ctypes.c_float, ctypes.c_int
     library.dense_linear.argtypes = [flag, i64, i64, i64, ptr, ptr, ptr, flag]
     library.dense_attention_input.argtypes = [flag, i64, i64, i64, i64, i64, ptr, ptr, f32, ptr, ptr, ptr,
@@ -163,6 +167,29 @@ def plain_store(keys: Tensor, values: Tensor, k: Tensor, v: Tensor, cos: Tensor,
                                        sin.data_ptr(), keys.data_ptr(), values.data_ptr(), capacity * dim, slot)
     if status:
         raise RuntimeError(f"plain_store failed ({status})")
+
+
+def kivi_store(k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, key_ring: Tensor, key_row: int, codes: Tensor | None,
+               scale: Tensor, zero: Tensor, slot: int, bits: int, group: int, value_ring: Tensor | None,
+               value_row: int) -> None:
+    """What a KIVI-layout cache stores of one decode token, k, v [B, Hkv, 1, D] float32: RoPE(k) (cos, sin [1, D])
+    into row `key_row` of the key ring [B, Hkv, ring, D]; v quantized per token (`bits`, groups of `group` channels,
+    as `quant.Layout.quantize`) into `slot` of codes [B, Hkv, capacity, bytes] (None: the layer shares another's)
+    and of the float16 scale and zero [B, Hkv, capacity, groups]; v into row `value_row` of the value ring (None:
+    there is none). Every buffer dense."""
+    batch, kv_heads, _, dim = k.shape
+    buffers = [t for t in (key_ring, codes, scale, zero, value_ring) if t is not None]
+    if not all(t.is_contiguous() for t in buffers) or scale.dtype != torch.float16 or k.dtype != torch.float32:
+        raise ValueError("kivi_store writes dense buffers: float32 rows, float16 scales and zeros")
+    k, v = k.contiguous(), v.contiguous()
+    cos, sin = cos.to(torch.float32).contiguous(), sin.to(torch.float32).contiguous()
+    status = _library()[0].kivi_store(
+        batch * kv_heads, dim, k.data_ptr(), cos.data_ptr(), sin.data_ptr(), key_ring.data_ptr(),
+        _head_stride(key_ring), key_row, v.data_ptr(), bits, group, _pointer(codes), _head_stride(codes),
+        scale.data_ptr(), zero.data_ptr(), _head_stride(scale), slot, _pointer(value_ring), _head_stride(value_ring),
+        value_row)
+    if status:
+        raise RuntimeError(f"kivi_store failed ({status})")
 
 
 class StreamArrays:

@@ -68,6 +68,14 @@ static inline float exp_nonpositive(float x) {
     return p * scale;
 }
 
+#ifdef __FLT16_MAX__
+/* the compiler's half type: one instruction per eight values where the CPU has them (F16C, Arm's fp16) */
+static inline float f16_to_f32(uint16_t h) {
+    _Float16 f;
+    memcpy(&f, &h, sizeof f);
+    return (float)f;
+}
+#else
 static inline float f16_to_f32(uint16_t h) {
     const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exponent = (h >> 10) & 0x1fu, mantissa = h & 0x3ffu;
     uint32_t bits;
@@ -81,45 +89,61 @@ static inline float f16_to_f32(uint16_t h) {
     memcpy(&f, &bits, sizeof f);
     return f;
 }
+#endif
 
 /* s[0..count), z[0..count) = the calibrated parameters from element `at` of a stream's scale and zero */
-static inline void load_params(const stream_t *t, int64_t at, int64_t count, float *s, float *z) {
-    for (int64_t i = 0; i < count; i++) {
-        const float raw_s = t->half ? f16_to_f32(((const uint16_t *)t->scale)[at + i]) : ((const float *)t->scale)[at + i];
-        const float raw_z = t->half ? f16_to_f32(((const uint16_t *)t->zero)[at + i]) : ((const float *)t->zero)[at + i];
-        s[i] = t->cal_scale * raw_s;
-        z[i] = raw_z + t->cal_shift * raw_s;
+static inline void load_params(const stream_t *t, int64_t at, int64_t count, float *restrict s, float *restrict z) {
+    const float a = t->cal_scale, b = t->cal_shift;
+    if (t->half) {
+        const uint16_t *restrict scale = (const uint16_t *)t->scale + at, *restrict zero = (const uint16_t *)t->zero + at;
+        for (int64_t i = 0; i < count; i++) {
+            const float raw = f16_to_f32(scale[i]);
+            s[i] = a * raw;
+            z[i] = f16_to_f32(zero[i]) + b * raw;
+        }
+    } else {
+        const float *restrict scale = (const float *)t->scale + at, *restrict zero = (const float *)t->zero + at;
+        for (int64_t i = 0; i < count; i++) {
+            s[i] = a * scale[i];
+            z[i] = zero[i] + b * scale[i];
+        }
     }
 }
 
-/* lut[b * per + i]: code i of byte b, as a float (bits 1, 2, 4) */
-static float LUT1[256 * 8], LUT2[256 * 4], LUT4[256 * 2];
+/* Eight floats as one vector (GCC's and clang's vector extensions: AVX on x86, NEON on Arm, without intrinsics).
+ * The kernel needs D % 8 == 0 and, per token, value groups that are whole vectors (vgroup % 8 == 0). */
+typedef float v8 __attribute__((vector_size(32)));
+typedef uint32_t v8u __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+typedef uint8_t u8x8 __attribute__((vector_size(8)));
+#define LANES 8
+#define MAX_CHUNKS (MAX_DIM / LANES)
 
-__attribute__((constructor)) static void make_luts(void) {
-    for (int b = 0; b < 256; b++) {
-        for (int i = 0; i < 8; i++) LUT1[b * 8 + i] = (float)((b >> i) & 1);
-        for (int i = 0; i < 4; i++) LUT2[b * 4 + i] = (float)((b >> (2 * i)) & 3);
-        for (int i = 0; i < 2; i++) LUT4[b * 2 + i] = (float)((b >> (4 * i)) & 15);
+static inline v8 load8(const float *p) { v8 x; memcpy(&x, p, sizeof x); return x; }
+static inline void store8(float *p, v8 x) { memcpy(p, &x, sizeof x); }
+static inline float sum8(v8 x) { return ((x[0] + x[4]) + (x[1] + x[5])) + ((x[2] + x[6]) + (x[3] + x[7])); }
+
+/* Channels 8k .. 8k + 7 of a packed row as floats. Those eight codes fill `bits` consecutive bytes (code i of byte
+ * j is channel j * 8 / bits + i, in bits i * bits and up), so one little-endian word (two for bytes), shifted per
+ * lane, holds them all. `bits` is a constant wherever this is inlined. */
+static inline __attribute__((always_inline)) v8 codes8(const uint8_t *restrict row, int64_t k, int bits) {
+    const uint8_t *p = row + k * bits;
+    const v8u lane = {0, 1, 2, 3, 4, 5, 6, 7};
+    v8u words, shifts;
+    if (bits == 8) {  /* two words of four codes */
+        uint32_t low, high;
+        memcpy(&low, p, sizeof low);
+        memcpy(&high, p + 4, sizeof high);
+        words = (v8u){low, low, low, low, high, high, high, high};
+        shifts = (lane & 3) * 8;
+    } else {
+        uint32_t word = p[0];
+        if (bits == 2) { uint16_t pair; memcpy(&pair, p, sizeof pair); word = pair; }
+        if (bits == 4) memcpy(&word, p, sizeof word);
+        words = (v8u){} + word;
+        shifts = lane * (uint32_t)bits;
     }
-}
-
-/* dst[0..D) (+ padding up to the last byte's codes) = the codes of one packed row, as floats (constant-size
- * copies from the tables, which the compiler turns into vector moves) */
-static inline void unpack_row(const uint8_t *restrict src, int bits, int64_t row_bytes, float *restrict dst) {
-    switch (bits) {
-    case 8: for (int64_t j = 0; j < row_bytes; j++) dst[j] = (float)src[j]; break;
-    case 4: for (int64_t j = 0; j < row_bytes; j++) memcpy(dst + 2 * j, LUT4 + 2 * (int64_t)src[j], 2 * sizeof(float)); break;
-    case 2: for (int64_t j = 0; j < row_bytes; j++) memcpy(dst + 4 * j, LUT2 + 4 * (int64_t)src[j], 4 * sizeof(float)); break;
-    default: for (int64_t j = 0; j < row_bytes; j++) memcpy(dst + 8 * j, LUT1 + 8 * (int64_t)src[j], 8 * sizeof(float));
-    }
-}
-
-/* codes[i * row_bytes + j] = code i of byte j: a packed row unpacked in the order its bit fields sit in */
-static inline void unpack_permuted(const uint8_t *restrict packed, int64_t row_bytes, int bits,
-                                   float *restrict codes) {
-    const int per = 8 / bits, mask = (1 << bits) - 1;
-    for (int i = 0; i < per; i++)
-        for (int64_t j = 0; j < row_bytes; j++) codes[i * row_bytes + j] = (float)((packed[j] >> (i * bits)) & mask);
+    return __builtin_convertvector((v8i)(words >> shifts & ((1u << bits) - 1)), v8);
 }
 
 /* Row n of head bh where it is held in float32: a plain stream's row, or the ring's copy of a recent token; NULL
@@ -130,21 +154,108 @@ static inline const float *exact_row(const stream_t *t, int64_t bh, int64_t n, i
     return NULL;
 }
 
-/* The value row of token n of head bh, dequantized into dst[0..D) unless it is held exactly. */
-static inline const float *value_row(const stream_t *v, int64_t bh, int64_t n, int64_t D, float *dst) {
-    const float *exact = exact_row(v, bh, n, D);
-    if (exact) return exact;
-    unpack_row(v->codes + bh * v->code_stride + n * v->row_bytes, v->bits, v->row_bytes, dst);
-    float s[MAX_DIM], z[MAX_DIM];
-    load_params(v, bh * v->param_stride + n * v->groups, v->groups, s, z);
-    float *restrict row = dst;
-    for (int64_t g = 0; g < v->groups; g++) {
-        const int64_t end = (g + 1) * v->group < D ? (g + 1) * v->group : D;
-        const float scale = s[g], zero = z[g];
-        for (int64_t d = g * v->group; d < end; d++) row[d] = row[d] * scale + zero;
+/* Scores s[r * N + n] = q_r . k_n of tokens [start, end) of head bh, q already scaled (q [R][D]). Quantized keys:
+ * k = s (.) c + z per channel, with s and z shared by a group of tokens, so q . k = (q (.) s) . c + q . z, where
+ * qs = q (.) s and qz = q . z are made once per group; codes are unpacked into registers and dropped. */
+static inline __attribute__((always_inline)) void key_scores(const stream_t *restrict k, int bits, int64_t chunks,
+        int64_t bh,
+        int64_t start, int64_t end, int64_t R, int64_t N, int64_t D, const float *restrict q,
+        const uint8_t *restrict allowed, float *restrict qs, float *restrict qz, float *restrict scores) {
+    float scale[MAX_DIM], zero[MAX_DIM];
+    int64_t group_end = start;  /* the first token past the group whose qs and qz are made */
+    for (int64_t n = start; n < end; n++) {
+        float *s = scores + n;
+        if (!allowed[n]) {
+            for (int64_t r = 0; r < R; r++) s[r * N] = -INFINITY;
+            continue;
+        }
+        const float *key = exact_row(k, bh, n, D);
+        if (key) {
+            for (int64_t r = 0; r < R; r++) {
+                v8 acc = {};
+                for (int64_t c = 0; c < chunks; c++) acc += load8(q + r * D + c * LANES) * load8(key + c * LANES);
+                s[r * N] = sum8(acc);
+            }
+            continue;
+        }
+        if (n >= group_end) {
+            const int64_t group = n / k->group;
+            load_params(k, bh * k->param_stride + group * D, D, scale, zero);
+            for (int64_t r = 0; r < R; r++) {
+                v8 dot = {};
+                for (int64_t c = 0; c < chunks; c++) {
+                    const v8 qr = load8(q + r * D + c * LANES);
+                    dot += qr * load8(zero + c * LANES);
+                    store8(qs + r * D + c * LANES, qr * load8(scale + c * LANES));
+                }
+                qz[r] = sum8(dot);
+            }
+            group_end = (group + 1) * k->group;
+        }
+        const uint8_t *row = k->codes + bh * k->code_stride + n * k->row_bytes;
+        v8 codes[MAX_CHUNKS];
+        for (int64_t c = 0; c < chunks; c++) codes[c] = codes8(row, c, bits);
+        for (int64_t r = 0; r < R; r++) {
+            v8 acc = {};
+            for (int64_t c = 0; c < chunks; c++) acc += load8(qs + r * D + c * LANES) * codes[c];
+            s[r * N] = qz[r] + sum8(acc);
+        }
     }
-    return dst;
 }
+
+/* acc[r] += sum_n p[r][n] v_n over tokens [start, end) of head bh (p: the softmax of scores, rows N apart).
+ * Quantized values: v = s_g c + z_g per token and group g of channels, so p v = (p s_g) c + p z_g: the codes are
+ * scaled by one number per group and the zeros summed per group into zacc[r][g], added once at the end. */
+static inline __attribute__((always_inline)) void value_sums(const stream_t *restrict v, int bits, int64_t chunks,
+        int64_t bh,
+        int64_t start, int64_t end, int64_t R, int64_t N, int64_t D, const float *restrict p,
+        const uint8_t *restrict allowed, float *restrict acc, float *restrict zacc) {
+    const int64_t per_group = v->group / LANES, groups = v->groups;
+    for (int64_t n = start; n < end; n++) {
+        if (!allowed[n]) continue;
+        const float *value = exact_row(v, bh, n, D);
+        if (value) {
+            for (int64_t r = 0; r < R; r++) {
+                const float weight = p[r * N + n];
+                for (int64_t c = 0; c < chunks; c++)
+                    store8(acc + r * D + c * LANES, load8(acc + r * D + c * LANES) + weight * load8(value + c * LANES));
+            }
+            continue;
+        }
+        float scale[MAX_CHUNKS], zero[MAX_CHUNKS];
+        load_params(v, bh * v->param_stride + n * groups, groups, scale, zero);
+        const uint8_t *row = v->codes + bh * v->code_stride + n * v->row_bytes;
+        v8 codes[MAX_CHUNKS];
+        for (int64_t c = 0; c < chunks; c++) codes[c] = codes8(row, c, bits);
+        for (int64_t r = 0; r < R; r++) {
+            const float weight = p[r * N + n];
+            for (int64_t g = 0; g < groups; g++) {
+                const float scaled = weight * scale[g];
+                const int64_t last = (g + 1) * per_group < chunks ? (g + 1) * per_group : chunks;
+                for (int64_t c = g * per_group; c < last; c++)
+                    store8(acc + r * D + c * LANES, load8(acc + r * D + c * LANES) + scaled * codes[c]);
+                zacc[r * groups + g] += weight * zero[g];
+            }
+        }
+    }
+}
+
+/* The loops specialized by code width (32: plain rows, no codes) and, for the usual head sizes 64 and 128, by
+ * vectors per row: constant trip counts let the compiler unroll them and keep a row's codes in registers. */
+#define FOR_DIM(call, b) \
+    switch (D) { \
+    case 64: call(b, 8); break; \
+    case 128: call(b, 16); break; \
+    default: call(b, D / LANES); \
+    }
+#define FOR_BITS(call) \
+    switch (bits) { \
+    case 1: FOR_DIM(call, 1); break; \
+    case 2: FOR_DIM(call, 2); break; \
+    case 4: FOR_DIM(call, 4); break; \
+    case 8: FOR_DIM(call, 8); break; \
+    default: FOR_DIM(call, 32); \
+    }
 
 void rotate_half(int dtype, const float *x, const void *cos, const void *sin, int64_t D, void *out, int64_t at);
 
@@ -160,6 +271,80 @@ int plain_store(int64_t BH, int64_t D, const float *k, const float *v, const flo
     return 0;
 }
 
+/* The float16 next to x (finite, within float16's range) toward +inf (up) or -inf: x's magnitude truncated to
+ * float16, stepped one unit away from zero where that lands on the wrong side of x. quant.py's _round_stored. */
+static inline uint16_t f16_directed(float x, int up) {
+    uint32_t bits;
+    memcpy(&bits, &x, sizeof bits);
+    const uint16_t sign = (uint16_t)((bits >> 16) & 0x8000u);
+    const float magnitude = fabsf(x);
+    uint32_t truncated;
+    if (magnitude < 6.103515625e-05f) {  /* below the smallest normal float16: units of 2^-24, exact in float */
+        truncated = (uint32_t)(magnitude * 16777216.0f);
+    } else {
+        uint32_t m;
+        memcpy(&m, &magnitude, sizeof m);
+        truncated = ((((m >> 23) & 0xffu) - 112u) << 10) | ((m >> 13) & 0x3ffu);
+    }
+    if (f16_to_f32((uint16_t)truncated) != magnitude && (sign ? !up : up)) truncated += 1;
+    return (uint16_t)(sign | truncated);
+}
+
+/* One token y [D] quantized per token in groups of `group` channels (the last one ragged), as quant.py's
+ * Layout.quantize does it: the zero min(g) rounded down and the scale (max(g) - zero) / (2^bits - 1) rounded up
+ * to float16, the codes round((y - zero) / scale) clamped (0 where the scale is 0), packed code i of byte j in bits
+ * i * bits. codes may be NULL (a layer that shares another's codes keeps only its scale and zero). */
+static void quantize_token(const float *restrict y, int64_t D, int bits, int64_t group, uint8_t *restrict codes,
+                           uint16_t *restrict scale, uint16_t *restrict zero) {
+    const int levels = (1 << bits) - 1, per = 8 / bits;
+    uint8_t q[MAX_DIM];
+    for (int64_t g = 0, first = 0; first < D; g++, first += group) {
+        const int64_t last = first + group < D ? first + group : D;
+        float low = y[first], high = y[first];
+        for (int64_t d = first + 1; d < last; d++) {
+            low = y[d] < low ? y[d] : low;
+            high = y[d] > high ? y[d] : high;
+        }
+        low = low < -65504.f ? -65504.f : low > 65504.f ? 65504.f : low;
+        zero[g] = f16_directed(low, 0);
+        const float z = f16_to_f32(zero[g]), span = high - z > 0.f ? high - z : 0.f;
+        const float step = span / (float)levels;
+        scale[g] = f16_directed(step > 65504.f ? 65504.f : step, 1);
+        const float s = f16_to_f32(scale[g]);
+        for (int64_t d = first; d < last; d++) {
+            const float code = nearbyintf((y[d] - z) / s);
+            q[d] = s > 0.f ? (uint8_t)(code < 0.f ? 0.f : code > (float)levels ? (float)levels : code) : 0;
+        }
+    }
+    if (!codes) return;
+    for (int64_t j = 0; j < D / per; j++) {
+        unsigned byte = 0;
+        for (int i = 0; i < per; i++) byte |= (unsigned)q[j * per + i] << (i * bits);
+        codes[j] = (uint8_t)byte;
+    }
+}
+
+/* What a KIVI-layout cache writes for one decode token of every head [BH]: the key k [BH][D], rotated by the
+ * step's cos, sin [D], into row krow of the key ring (per-channel keys wait there for their group to close); the
+ * value v [BH][D] quantized per token (quantize_token) into slot vslot of codes [BH][..][D * vbits / 8] (byte
+ * stride vcode_stride between heads) and of scale, zero [BH][..][groups] float16, and copied into row vrow of the
+ * value ring (vring NULL: none). */
+int kivi_store(int64_t BH, int64_t D, const float *k, const float *cos, const float *sin, float *kring,
+               int64_t kring_stride, int64_t krow, const float *v, int vbits, int64_t vgroup, uint8_t *vcodes,
+               int64_t vcode_stride, uint16_t *vscale, uint16_t *vzero, int64_t vparam_stride, int64_t vslot,
+               float *vring, int64_t vring_stride, int64_t vrow) {
+    if (D % 2 || D > MAX_DIM || (vbits != 1 && vbits != 2 && vbits != 4 && vbits != 8) || (D * vbits) % 8) return 1;
+    const int64_t groups = (D + vgroup - 1) / vgroup, row_bytes = D * vbits / 8;
+    for (int64_t bh = 0; bh < BH; bh++) {
+        rotate_half(0, k + bh * D, cos, sin, D, kring, bh * kring_stride + krow * D);
+        const float *value = v + bh * D;
+        quantize_token(value, D, vbits, vgroup, vcodes ? vcodes + bh * vcode_stride + vslot * row_bytes : NULL,
+                       vscale + bh * vparam_stride + vslot * groups, vzero + bh * vparam_stride + vslot * groups);
+        if (vring) memcpy(vring + bh * vring_stride + vrow * D, value, sizeof(float) * D);
+    }
+    return 0;
+}
+
 int kv_decode_attention(int64_t BH, int64_t R, int64_t N, int64_t D, const float *query, int64_t q_stride,
                         float q_scale,
                         const uint8_t *kcodes, int64_t kcode_stride, int64_t krow_bytes, int kbits, int64_t kgroup,
@@ -171,77 +356,37 @@ int kv_decode_attention(int64_t BH, int64_t R, int64_t N, int64_t D, const float
                         float vcal_shift, const uint8_t *vrecent,
                         const int64_t *vrows, const float *vring, int64_t vring_stride, const uint8_t *allowed,
                         float *out, int threads) {
-    if (D > MAX_DIM || R < 1 || N < 1) return 1;
-    /* the softmax scale, applied once to a dense copy of q */
-    float *q = malloc(sizeof(float) * BH * R * D);
-    if (!q) return 2;
-    for (int64_t bh = 0; bh < BH; bh++)
-        for (int64_t i = 0; i < R * D; i++) q[bh * R * D + i] = query[bh * q_stride + i] * q_scale;
-    q_stride = R * D;
+    if (D > MAX_DIM || D % LANES || R < 1 || N < 1) return 1;
+    if (vbits != 32 && (vgroup % LANES || vgroups > MAX_CHUNKS)) return 1;
     const stream_t k = {kcodes, kcode_stride, krow_bytes, kbits, kgroup, 0, kscale, kzero, kparam_stride, khalf,
                         kcal_scale, kcal_shift, krecent, krows, kring, kring_stride};
     const stream_t v = {vcodes, vcode_stride, vrow_bytes, vbits, vgroup, vgroups, vscale, vzero, vparam_stride,
                         vhalf, vcal_scale, vcal_shift, vrecent, vrows, vring, vring_stride};
-    const int64_t blocks = (N + BLOCK - 1) / BLOCK, items = BH * blocks;
-    /* Quantized keys: the scale folds into the query once per group of tokens (qs = q * s, qz = q . z), and codes
-     * are unpacked in the order their bit fields sit in (code i of every byte, then code i + 1), which vectorizes;
-     * qs is laid out in that order too, so only the order of a dot product's terms changes. */
-    const int per = kbits == 32 ? 1 : 8 / kbits;
-    const int64_t width = krow_bytes * per, work_size = R * width + R + width;
+    const int64_t blocks = (N + BLOCK - 1) / BLOCK, items = BH * blocks, size = BH * R * D;
+    const int64_t zsize = BH * R * (vbits == 32 ? 1 : vgroups);
+    /* per thread: a dense copy of q times the softmax scale, qs and qz (keys), sums of p v and of p z (values) */
+    const int64_t work_size = 2 * R * D + R + size + zsize;
     float *scores = malloc(sizeof(float) * BH * R * N);
-    float *partial = calloc((size_t)threads * BH * R * D, sizeof(float));
-    float *work = malloc(sizeof(float) * threads * work_size);
-    if (!scores || !partial || !work) { free(q); free(scores); free(partial); free(work); return 2; }
+    float *work = calloc((size_t)threads * work_size, sizeof(float));
+    if (!scores || !work) { free(scores); free(work); return 2; }
 
 #pragma omp parallel num_threads(threads)
     {
-        float row[MAX_DIM + 8], scale[MAX_DIM], zero[MAX_DIM];
-        float *qs = work + (int64_t)thread_index() * work_size, *qz = qs + R * width, *codes = qz + R;
-        int64_t group_loaded = -1, bh_loaded = -1;
+        float *q = work + (int64_t)thread_index() * work_size, *qs = q + R * D, *qz = qs + R * D;
+        float *acc = qz + R, *zacc = acc + size;
+        int64_t bh_loaded = -1;
 #pragma omp for schedule(static)
         for (int64_t item = 0; item < items; item++) {
             const int64_t bh = item / blocks, start = (item % blocks) * BLOCK;
             const int64_t end = start + BLOCK < N ? start + BLOCK : N;
-            for (int64_t n = start; n < end; n++) {
-                float *s = scores + bh * R * N + n;
-                if (!allowed[n]) {
-                    for (int64_t r = 0; r < R; r++) s[r * N] = -INFINITY;
-                    continue;
-                }
-                const float *key = exact_row(&k, bh, n, D);
-                if (key) {
-                    for (int64_t r = 0; r < R; r++) {
-                        const float *qr = q + bh * q_stride + r * D;
-                        float dot = 0.f;
-                        for (int64_t d = 0; d < D; d++) dot += qr[d] * key[d];
-                        s[r * N] = dot;
-                    }
-                    continue;
-                }
-                const int64_t group = n / k.group;
-                if (group != group_loaded || bh != bh_loaded) {
-                    load_params(&k, bh * k.param_stride + group * D, D, scale, zero);
-                    for (int64_t r = 0; r < R; r++) {
-                        const float *qr = q + bh * q_stride + r * D;
-                        float dot = 0.f;
-                        for (int64_t d = 0; d < D; d++) dot += qr[d] * zero[d];
-                        qz[r] = dot;
-                        for (int64_t i = 0; i < per; i++)
-                            for (int64_t j = 0; j < krow_bytes; j++) {
-                                const int64_t c = j * per + i;
-                                qs[r * width + i * krow_bytes + j] = c < D ? qr[c] * scale[c] : 0.f;
-                            }
-                    }
-                    group_loaded = group, bh_loaded = bh;
-                }
-                unpack_permuted(k.codes + bh * k.code_stride + n * k.row_bytes, krow_bytes, kbits, codes);
-                for (int64_t r = 0; r < R; r++) {
-                    const float *restrict qr = qs + r * width, *restrict unpacked = codes;
-                    float dot = qz[r];
-                    for (int64_t p = 0; p < width; p++) dot += qr[p] * unpacked[p];
-                    s[r * N] = dot;
-                }
+            if (bh != bh_loaded) {
+                for (int64_t i = 0; i < R * D; i++) q[i] = query[bh * q_stride + i] * q_scale;
+                bh_loaded = bh;
             }
+            const int bits = kbits;
+#define KEYS(b, chunks) key_scores(&k, b, chunks, bh, start, end, R, N, D, q, allowed, qs, qz, scores + bh * R * N)
+            FOR_BITS(KEYS)
+#undef KEYS
         }
         /* softmax of each (bh, r) row, in place */
 #pragma omp for schedule(static)
@@ -252,29 +397,31 @@ int kv_decode_attention(int64_t BH, int64_t R, int64_t N, int64_t D, const float
             const float inverse = 1.f / total;
             for (int64_t n = 0; n < N; n++) s[n] *= inverse;
         }
-        float *acc = partial + (int64_t)thread_index() * BH * R * D;
 #pragma omp for schedule(static)
         for (int64_t item = 0; item < items; item++) {
             const int64_t bh = item / blocks, start = (item % blocks) * BLOCK;
             const int64_t end = start + BLOCK < N ? start + BLOCK : N;
-            for (int64_t n = start; n < end; n++) {
-                if (!allowed[n]) continue;
-                const float *restrict value = value_row(&v, bh, n, D, row);
-                for (int64_t r = 0; r < R; r++) {
-                    const float p = scores[bh * R * N + r * N + n];
-                    float *restrict o = acc + (bh * R + r) * D;
-                    for (int64_t d = 0; d < D; d++) o[d] += p * value[d];
-                }
-            }
+            const int bits = vbits;
+            const int64_t groups = bits == 32 ? 1 : vgroups;
+#define VALUES(b, chunks) value_sums(&v, b, chunks, bh, start, end, R, N, D, scores + bh * R * N, allowed, acc + bh * R * D, \
+                             zacc + bh * R * groups)
+            FOR_BITS(VALUES)
+#undef VALUES
         }
     }
-    const int64_t size = BH * R * D;
-    memcpy(out, partial, sizeof(float) * size);
-    for (int t = 1; t < threads; t++)
-        for (int64_t i = 0; i < size; i++) out[i] += partial[(int64_t)t * size + i];
-    free(q);
+    /* the threads' sums, and each value group's sum of p z added to its channels */
+    const int64_t groups = vbits == 32 ? 1 : vgroups;
+    for (int64_t line = 0; line < BH * R; line++)
+        for (int64_t d = 0; d < D; d++) {
+            float total = 0.f;
+            for (int t = 0; t < threads; t++) {
+                const float *partial = work + (int64_t)t * work_size + 2 * R * D + R;
+                total += partial[line * D + d];
+                if (vbits != 32) total += partial[size + line * groups + d / vgroup];
+            }
+            out[line * D + d] = total;
+        }
     free(scores);
-    free(partial);
     free(work);
     return 0;
 }
