@@ -204,38 +204,50 @@ static inline __attribute__((always_inline)) void key_scores(const stream_t *res
 }
 
 /* acc[r] += sum_n p[r][n] v_n over tokens [start, end) of head bh (p: the softmax of scores, rows N apart).
- * Quantized values: v = s_g c + z_g per token and group g of channels, so p v = (p s_g) c + p z_g: the codes are
- * scaled by one number per group and the zeros summed per group into zacc[r][g], added once at the end. */
+ * Quantized values: v = s_g c + z_g per token and group g of channels, so p v = p (s_g c) + p z_g: each row's codes
+ * are unpacked already scaled (into L1, shared by the R query rows) and the zeros summed per group into
+ * zacc[r][g], added once at the end. Tokens go TILE at a time, so that each query row's accumulators stay in
+ * registers over a tile instead of being loaded and stored for every token. */
+#define TILE 8
 static inline __attribute__((always_inline)) void value_sums(const stream_t *restrict v, int bits, int64_t chunks,
-        int64_t bh,
-        int64_t start, int64_t end, int64_t R, int64_t N, int64_t D, const float *restrict p,
+        int64_t bh, int64_t start, int64_t end, int64_t R, int64_t N, int64_t D, const float *restrict p,
         const uint8_t *restrict allowed, float *restrict acc, float *restrict zacc) {
-    const int64_t per_group = v->group / LANES, groups = v->groups;
+    const int64_t per_group = v->group / LANES, groups = bits == 32 ? 0 : v->groups;
+    float scaled[TILE][MAX_DIM], zero[TILE][MAX_CHUNKS];
+    const float *rows[TILE];
+    int64_t tokens[TILE], count = 0;
     for (int64_t n = start; n < end; n++) {
-        if (!allowed[n]) continue;
-        const float *value = exact_row(v, bh, n, D);
-        if (value) {
-            for (int64_t r = 0; r < R; r++) {
-                const float weight = p[r * N + n];
-                for (int64_t c = 0; c < chunks; c++)
-                    store8(acc + r * D + c * LANES, load8(acc + r * D + c * LANES) + weight * load8(value + c * LANES));
+        if (allowed[n]) {
+            const float *value = exact_row(v, bh, n, D);
+            float *z = zero[count];
+            if (value) {
+                for (int64_t g = 0; g < groups; g++) z[g] = 0.f;
+            } else {
+                float scale[MAX_CHUNKS];
+                load_params(v, bh * v->param_stride + n * groups, groups, scale, z);
+                const uint8_t *row = v->codes + bh * v->code_stride + n * v->row_bytes;
+                for (int64_t g = 0; g < groups; g++) {
+                    const int64_t last = (g + 1) * per_group < chunks ? (g + 1) * per_group : chunks;
+                    for (int64_t c = g * per_group; c < last; c++)
+                        store8(scaled[count] + c * LANES, codes8(row, c, bits) * scale[g]);
+                }
+                value = scaled[count];
             }
-            continue;
+            rows[count] = value;
+            tokens[count++] = n;
         }
-        float scale[MAX_CHUNKS], zero[MAX_CHUNKS];
-        load_params(v, bh * v->param_stride + n * groups, groups, scale, zero);
-        const uint8_t *row = v->codes + bh * v->code_stride + n * v->row_bytes;
-        v8 codes[MAX_CHUNKS];
-        for (int64_t c = 0; c < chunks; c++) codes[c] = codes8(row, c, bits);
-        for (int64_t r = 0; r < R; r++) {
-            const float weight = p[r * N + n];
-            for (int64_t g = 0; g < groups; g++) {
-                const float scaled = weight * scale[g];
-                const int64_t last = (g + 1) * per_group < chunks ? (g + 1) * per_group : chunks;
-                for (int64_t c = g * per_group; c < last; c++)
-                    store8(acc + r * D + c * LANES, load8(acc + r * D + c * LANES) + scaled * codes[c]);
-                zacc[r * groups + g] += weight * zero[g];
+        if (count == TILE || (count && n == end - 1)) {
+            for (int64_t r = 0; r < R; r++) {
+                v8 sums[MAX_CHUNKS];
+                for (int64_t c = 0; c < chunks; c++) sums[c] = load8(acc + r * D + c * LANES);
+                for (int64_t t = 0; t < count; t++) {
+                    const float weight = p[r * N + tokens[t]];
+                    for (int64_t c = 0; c < chunks; c++) sums[c] += weight * load8(rows[t] + c * LANES);
+                    for (int64_t g = 0; g < groups; g++) zacc[r * groups + g] += weight * zero[t][g];
+                }
+                for (int64_t c = 0; c < chunks; c++) store8(acc + r * D + c * LANES, sums[c]);
             }
+            count = 0;
         }
     }
 }
