@@ -146,3 +146,45 @@ def test_no_compiler_means_the_torch_path(monkeypatch, tmp_path):
     finally:
         monkeypatch.undo()
         cpu._library.cache_clear()
+
+
+def _hard_rows(dim: int) -> torch.Tensor:
+    """[1, 6, 1, dim] value rows at the edges of float16 storage: ordinary, constant (scale 0), tiny (subnormal
+    float16 scales and zeros), beyond float16's range (clamped), signed zeros, and values on float16's grid."""
+    generator = torch.Generator().manual_seed(3)
+    ordinary = torch.randn(dim, generator=generator)
+    constant = torch.full((dim,), 0.3)
+    tiny = torch.randn(dim, generator=generator) * 1e-6
+    huge = torch.randn(dim, generator=generator) * 1e5
+    zeros = torch.zeros(dim)
+    zeros[::2] = -0.0
+    grid = torch.randint(-64, 64, (dim,), generator=generator).float() / 8
+    return torch.stack([ordinary, constant, tiny, huge, zeros, grid])[None, :, None, :]
+
+
+@pytest.mark.parametrize("bits", cpu.BITS)
+@pytest.mark.parametrize("group", [32, 24, 64])  # 24: a ragged last group (64 = 24 + 24 + 16)
+def test_kivi_store_quantizes_as_quant_does(bits, group):
+    from xqinfer import quant
+    from xqinfer.rope import apply_rotary
+
+    dim, capacity, ring = 64, 8, 4
+    v = _hard_rows(dim)
+    heads = v.shape[1]
+    k = torch.randn(v.shape, generator=torch.Generator().manual_seed(4))
+    angle = torch.randn(1, dim, generator=torch.Generator().manual_seed(5))
+    expected = quant.Layout(bits, group, "token").quantize(v)
+    groups = expected.scale.shape[-1]
+    codes = torch.zeros(1, heads, capacity, expected.codes.shape[-1], dtype=torch.uint8)
+    scale = torch.zeros(1, heads, capacity, groups, dtype=torch.float16)
+    zero = torch.zeros_like(scale)
+    key_ring, value_ring = torch.zeros(1, heads, ring, dim), torch.zeros(1, heads, ring, dim)
+    cpu.kivi_store(k, v, angle.cos(), angle.sin(), key_ring, 1, codes, scale, zero, 5, bits, group, value_ring, 2)
+    assert torch.equal(codes[:, :, 5:6], expected.codes)
+    # .view(int16): equal bit patterns, the sign of a zero included
+    assert torch.equal(scale[:, :, 5:6].view(torch.int16), expected.scale.view(torch.int16))
+    assert torch.equal(zero[:, :, 5:6].view(torch.int16), expected.zero.view(torch.int16))
+    assert torch.equal(key_ring[:, :, 1:2], apply_rotary(k, angle.cos(), angle.sin()))
+    assert torch.equal(value_ring[:, :, 2:3], v)
+    untouched = [s for s in range(capacity) if s != 5]
+    assert not codes[:, :, untouched].any() and not scale[:, :, untouched].any()

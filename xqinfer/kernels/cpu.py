@@ -3,8 +3,9 @@ the dense part of a one-token step, a Llama block around its attention in two ca
 
 The C files are compiled on first use with the machine's C compiler (`$CC`, default `cc`; `-O3 -march=native
 -fopenmp`) into one library in `~/.cache/xqinfer/kernels/` (or `$XDG_CACHE_HOME/xqinfer/kernels/`), keyed by a hash
-of the sources, the flags and the CPU's features, and loaded with ctypes: no torch headers, so a build takes about a
-second. Without a compiler (or with `XQINFER_CPU_KERNELS=0`) `unavailable()` says why and callers keep the torch
+of the sources, the flags and the CPU's features, and loaded with ctypes (no torch headers). A build takes about ten
+seconds (the attention loops are specialized by code width and head size), said on stderr when it is a terminal.
+Without a compiler (or with `XQINFER_CPU_KERNELS=0`) `unavailable()` says why and callers keep the torch
 path, which is also the kernels' test reference.
 """
 
@@ -17,6 +18,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -62,6 +64,8 @@ def _library() -> tuple[ctypes.CDLL | None, str | None]:
     key = hashlib.sha256(sources + " ".join((compiler, *FLAGS, _cpu_features())).encode()).hexdigest()[:16]
     target = _cache_dir() / f"kernels-{key}.so"
     if not target.exists():
+        if sys.stderr.isatty():
+            print("xqinfer: building the CPU kernels (once per machine, about ten seconds)", file=sys.stderr)
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             # Built beside its destination and renamed into place: a concurrent build never loads half a file.

@@ -1,8 +1,10 @@
 /* One decode step of attention straight from a KIVI-layout cache (per-channel keys, per-token values), on a CPU.
  *
- * Never writes the dequantized history: each cached row is unpacked and dequantized into a buffer of head_dim
- * floats that stays in L1, used, and dropped. Rows read in full precision (the residual window) come from the
- * stream's ring instead; slots the mask excludes are skipped, so the empty part of a span bucket costs nothing.
+ * Never writes the dequantized history: scales and zeros fold into the query (keys) and into the attention weights
+ * (values), so codes are unpacked into registers (keys) or a tile of rows in L1 (values), used, and dropped. Rows
+ * read in full precision (the residual window) come from the stream's ring instead; slots the mask excludes are
+ * skipped, so the empty part of a span bucket costs nothing. D must be a multiple of 8, and so must per-token
+ * value groups (vgroup): eight channels are one vector.
  *
  * Shapes (BH = batch * kv_heads, each with its own stride; R = query rows per KV head, D = head_dim, N = span):
  *   q [BH, R, D] float32 (row stride q_stride), multiplied here by the softmax scale q_scale
@@ -16,6 +18,8 @@
  *   out [BH, R, D] float32
  * Work is split over threads by (BH, token block): scores, then softmax per row, then the weighted sum of values
  * with one accumulator per thread, summed at the end.
+ *
+ * Also here: what a cache stores of one decode token (plain_store for plain K/V, kivi_store for the KIVI layout).
  */
 #include <math.h>
 #include <stdint.h>
