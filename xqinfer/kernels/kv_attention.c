@@ -150,6 +150,26 @@ static inline __attribute__((always_inline)) v8 codes8(const uint8_t *restrict r
     return __builtin_convertvector((v8i)(words >> shifts & ((1u << bits) - 1)), v8);
 }
 
+
+/* A whole packed row as chunks of eight floats: codes8 per chunk, or, for 1- and 2-bit codes, one word of four
+ * bytes (four or two chunks) loaded and broadcast once. */
+static inline __attribute__((always_inline)) void unpack_row(const uint8_t *restrict row, int bits, int64_t chunks,
+                                                             v8 *restrict out) {
+    int64_t c = 0;
+    if (bits <= 2) {
+        const int64_t per_word = 4 / bits;
+        const v8u lane = {0, 1, 2, 3, 4, 5, 6, 7};
+        for (; c + per_word <= chunks; c += per_word) {
+            uint32_t word;
+            memcpy(&word, row + c * bits, sizeof word);
+            const v8u words = (v8u){} + word;
+            for (int64_t i = 0; i < per_word; i++)
+                out[c + i] = __builtin_convertvector((v8i)(words >> (lane * (uint32_t)bits + (uint32_t)(8 * bits * i)) & ((1u << bits) - 1)), v8);
+        }
+    }
+    for (; c < chunks; c++) out[c] = codes8(row, c, bits);
+}
+
 /* Row n of head bh where it is held in float32: a plain stream's row, or the ring's copy of a recent token; NULL
  * where it must be read from its codes. */
 static inline const float *exact_row(const stream_t *t, int64_t bh, int64_t n, int64_t D) {
@@ -198,7 +218,7 @@ static inline __attribute__((always_inline)) void key_scores(const stream_t *res
         }
         const uint8_t *row = k->codes + bh * k->code_stride + n * k->row_bytes;
         v8 codes[MAX_CHUNKS];
-        for (int64_t c = 0; c < chunks; c++) codes[c] = codes8(row, c, bits);
+        unpack_row(row, bits, chunks, codes);
         for (int64_t r = 0; r < R; r++) {
             v8 acc = {};
             for (int64_t c = 0; c < chunks; c++) acc += load8(qs + r * D + c * LANES) * codes[c];
@@ -230,10 +250,12 @@ static inline __attribute__((always_inline)) void value_sums(const stream_t *res
                 float scale[MAX_CHUNKS];
                 load_params(v, bh * v->param_stride + n * groups, groups, scale, z);
                 const uint8_t *row = v->codes + bh * v->code_stride + n * v->row_bytes;
+                v8 codes[MAX_CHUNKS];
+                unpack_row(row, bits, chunks, codes);
                 for (int64_t g = 0; g < groups; g++) {
                     const int64_t last = (g + 1) * per_group < chunks ? (g + 1) * per_group : chunks;
                     for (int64_t c = g * per_group; c < last; c++)
-                        store8(scaled[count] + c * LANES, codes8(row, c, bits) * scale[g]);
+                        store8(scaled[count] + c * LANES, codes[c] * scale[g]);
                 }
                 value = scaled[count];
             }
