@@ -9,8 +9,10 @@ xqinfer's (its tokenizer and `make_windows`), so both sides score the same token
 
     python benchmarks/independent_sim.py [--ctx 512] [--limit 16] [--json FILE]
 
-Covered: KIVI at 2/3/4/8 bits, KIVI* at 2/3/4 bits, AsymKV's default (2-bit K, 1-bit V in every layer). xquant's
-GQA latents, XQuant-CL's deltas and XQuant-KV's shared codes are not simulated here.
+Covered: KIVI at 2/3/4/8 bits, KIVI* at 2/3/4 bits, AsymKV's default (2-bit K, 1-bit V in every layer), and
+XQuant-KV (per-layer bits, the eta calibration, odd layers reading the previous layer's codes with their own min and
+max): its default, with every odd layer sharing, and at 1 bit everywhere. xquant's GQA latents and XQuant-CL's
+deltas are not simulated here.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import math
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,60 +32,115 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 DATASET = ROOT.parent / "shared" / "data" / "wikitext2-test.txt"
 
-# (xqinfer spec, key bits, value bits, group, keys before RoPE)
+ETA = {1: 1 / 6, 2: 0.045}  # XQuant-KV's calibration by code width (eta1, eta2)
+
+
+@dataclass(frozen=True)
+class Side:
+    """How one layer's K or V is fake-quantized: code bits, calibration eta, and whether it reads the codes of the
+    layer before it (with its own min and max)."""
+    bits: int
+    eta: float = 0.0
+    shared: bool = False
+
+
+def uniform(key_bits: int, value_bits: int):
+    return lambda layers: [(Side(key_bits), Side(value_bits))] * layers
+
+
+def xquant_kv(kq: int | None = None, vq: int = 0, km: int | None = None, vm: int | None = None):
+    """XQuant-KV's layers from METHODS.md section 6: 2-bit keys below kq (values below vq), 1-bit above; an odd
+    layer at or above km (vm) reads the previous layer's key (value) codes; eta by code width."""
+    def plan(layers: int):
+        key_from, value_from = layers if km is None else km, layers // 2 if vm is None else vm
+        rows = []
+        for index in range(layers):
+            key_bits = 2 if index < (layers if kq is None else kq) else 1
+            value_bits = 2 if index < vq else 1
+            rows.append((Side(key_bits, ETA[key_bits], index % 2 == 1 and index >= key_from),
+                         Side(value_bits, ETA[value_bits], index % 2 == 1 and index >= value_from)))
+        return rows
+    return plan
+
+
+# (xqinfer spec, the per-layer plan for a model of L layers, group, keys before RoPE)
 METHODS = [
-    ("kivi:bits=8", 8, 8, 32, False),
-    ("kivi:bits=4", 4, 4, 32, False),
-    ("kivi:bits=3", 3, 3, 32, False),
-    ("kivi:bits=2", 2, 2, 32, False),
-    ("kivi:bits=4,group=128,prerope=1", 4, 4, 128, True),
-    ("kivi:bits=3,group=128,prerope=1", 3, 3, 128, True),
-    ("kivi:bits=2,group=128,prerope=1", 2, 2, 128, True),
-    ("asymkv", 2, 1, 32, False),
+    ("kivi:bits=8", uniform(8, 8), 32, False),
+    ("kivi:bits=4", uniform(4, 4), 32, False),
+    ("kivi:bits=3", uniform(3, 3), 32, False),
+    ("kivi:bits=2", uniform(2, 2), 32, False),
+    ("kivi:bits=4,group=128,prerope=1", uniform(4, 4), 128, True),
+    ("kivi:bits=3,group=128,prerope=1", uniform(3, 3), 128, True),
+    ("kivi:bits=2,group=128,prerope=1", uniform(2, 2), 128, True),
+    ("asymkv", uniform(2, 1), 32, False),
+    ("xquant-kv", xquant_kv(), 32, False),
+    ("xquant-kv:km=0,vm=0", xquant_kv(km=0, vm=0), 32, False),
+    ("xquant-kv:kq=0,vq=0", xquant_kv(kq=0), 32, False),
 ]
 
 
-def fake_quantize(x: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
-    """Asymmetric min-max quantization of x's slices along `dim`, read back: round((x - min) / s) s + min with
-    s = (max - min) / (2^b - 1); a constant slice reads back as its value."""
+def fake_quantize(x: torch.Tensor, side: Side, dim: int, codes: torch.Tensor | None = None):
+    """(x's slices along `dim` quantized min-max and read back, their codes): codes round((x - min) / s) clamped,
+    s = (max - min) / (2^b - 1), read back as c (1 - 2 eta) s + min + eta (2^b - 1) s; a constant slice reads back
+    as its value. `codes`: another tensor's codes, read back with x's own min and max (shared codes)."""
+    levels = 2**side.bits - 1
     low, high = x.amin(dim, keepdim=True), x.amax(dim, keepdim=True)
-    scale = (high - low) / (2**bits - 1)
-    codes = torch.where(scale > 0, ((x - low) / scale).round().clamp(0, 2**bits - 1), torch.zeros_like(x))
-    return codes * scale + low
+    scale = (high - low) / levels
+    if codes is None:
+        codes = torch.where(scale > 0, ((x - low) / scale).round().clamp(0, levels), torch.zeros_like(x))
+    return codes * ((1 - 2 * side.eta) * scale) + low + side.eta * levels * scale, codes
 
 
-def per_channel(x: torch.Tensor, bits: int, group: int, token_dim: int) -> torch.Tensor:
+def per_channel(x: torch.Tensor, side: Side, group: int, token_dim: int, codes: torch.Tensor | None = None):
     """Each channel quantized over groups of `group` consecutive tokens (the last one shorter)."""
-    return torch.cat([fake_quantize(part, bits, token_dim) for part in x.split(group, dim=token_dim)], dim=token_dim)
+    parts = x.split(group, dim=token_dim)
+    shared = codes.split(group, dim=token_dim) if codes is not None else [None] * len(parts)
+    out = [fake_quantize(part, side, token_dim, c) for part, c in zip(parts, shared)]
+    return torch.cat([o for o, _ in out], dim=token_dim), torch.cat([c for _, c in out], dim=token_dim)
 
 
-def per_token(x: torch.Tensor, bits: int, group: int, head_dim: int) -> torch.Tensor:
+def per_token(x: torch.Tensor, side: Side, group: int, head_dim: int, codes: torch.Tensor | None = None):
     """x [..., heads * head_dim]: each token's channels quantized in groups of `group` within each head."""
     heads = x.view(*x.shape[:-1], -1, head_dim)
-    parts = [fake_quantize(part, bits, -1) for part in heads.split(group, dim=-1)]
-    return torch.cat(parts, dim=-1).view(x.shape)
+    parts = heads.split(group, dim=-1)
+    shared = codes.split(group, dim=-1) if codes is not None else [None] * len(parts)
+    out = [fake_quantize(part, side, -1, c) for part, c in zip(parts, shared)]
+    return torch.cat([o for o, _ in out], dim=-1).view(x.shape), torch.cat([c for _, c in out], dim=-1)
 
 
 @contextmanager
-def simulated(model, key_bits: int, value_bits: int, group: int, prerope: bool):
-    """The model's attention reads fake-quantized K and V while inside."""
+def simulated(model, plan, group: int, prerope: bool):
+    """The model's attention reads fake-quantized K and V while inside, layer i's as plan[i] = (keys, values)."""
     from transformers.models.llama import modeling_llama
 
     head_dim = model.config.head_dim if getattr(model.config, "head_dim", None) else (
         model.config.hidden_size // model.config.num_attention_heads)
+    codes: dict[tuple[str, int], torch.Tensor] = {}  # this forward's codes, for the layer after to share
+    current = [0]  # the layer whose attention runs (the rotary function is not told)
+
+    def quantized(kind: str, index: int, side: Side, x: torch.Tensor, quantize) -> torch.Tensor:
+        out, codes[kind, index] = quantize(x, side, codes.get((kind, index - 1)) if side.shared else None)
+        return out
+
     handles = []
-    for layer in model.model.layers:
+    for index, layer in enumerate(model.model.layers):
         attention = layer.self_attn
+        keys, values = plan[index]
+        handles.append(attention.register_forward_pre_hook(
+            lambda module, args, index=index: current.__setitem__(0, index)))
         handles.append(attention.v_proj.register_forward_hook(
-            lambda module, args, out: per_token(out, value_bits, group, head_dim)))
+            lambda module, args, out, index=index, side=values: quantized(
+                "v", index, side, out, lambda x, s, c: per_token(x, s, group, head_dim, c))))
         if prerope:  # k_proj's output [B, T, Hkv * D]: tokens on dim 1
             handles.append(attention.k_proj.register_forward_hook(
-                lambda module, args, out: per_channel(out, key_bits, group, token_dim=1)))
+                lambda module, args, out, index=index, side=keys: quantized(
+                    "k", index, side, out, lambda x, s, c: per_channel(x, s, group, 1, c))))
     rotary = modeling_llama.apply_rotary_pos_emb
     if not prerope:  # the rotated keys [B, Hkv, T, D]: tokens on dim 2
         def quantized_rotary(q, k, cos, sin, *args, **kwargs):
             q, k = rotary(q, k, cos, sin, *args, **kwargs)
-            return q, per_channel(k, key_bits, group, token_dim=2)
+            index = current[0]
+            return q, quantized("k", index, plan[index][0], k, lambda x, s, c: per_channel(x, s, group, 2, c))
         modeling_llama.apply_rotary_pos_emb = quantized_rotary
     try:
         yield
@@ -132,8 +190,9 @@ def main(argv=None) -> None:
     hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     baseline = ours_ppl[str(ours.scores[0].spec)]
     rows = [{"method": "fp16", "xqinfer": baseline, "independent": hf_perplexity(hf, windows)}]
-    for (spec, key_bits, value_bits, group, prerope), score in zip(METHODS, ours.scores[1:], strict=True):
-        with simulated(hf, key_bits, value_bits, group, prerope):
+    layers = hf.config.num_hidden_layers
+    for (spec, plan, group, prerope), score in zip(METHODS, ours.scores[1:], strict=True):
+        with simulated(hf, plan(layers), group, prerope):
             rows.append({"method": str(score.spec), "xqinfer": ours_ppl[str(score.spec)],
                          "independent": hf_perplexity(hf, windows)})
     print(f"WikiText-2 test, ctx {args.ctx}, {len(windows)} windows, sim; {time.time() - started:.0f} s\n")

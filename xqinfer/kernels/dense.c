@@ -187,7 +187,8 @@ int dense_attention_input(int dtype, int64_t R, int64_t d, int64_t H, int64_t Hk
     linear_phase(dtype, R, d, n, x, wqkv, qkv);
     for (int64_t r = 0; r < R; r++) {
         const float *row = qkv + r * n;
-        for (int64_t head = 0; head < H; head++) rotate_half(dtype, row + head * D, cos, sin, D, q_out, (r * H + head) * D);
+        for (int64_t head = 0; head < H; head++)
+            rotate_half(dtype, row + head * D, cos, sin, D, q_out, (r * H + head) * D);
         for (int64_t i = 0; i < kvd; i++) {
             store(dtype, k_out, r * kvd + i, row[qd + i]);
             store(dtype, v_out, r * kvd + i, row[qd + kvd + i]);

@@ -99,14 +99,16 @@ static inline float f16_to_f32(uint16_t h) {
 static inline void load_params(const stream_t *t, int64_t at, int64_t count, float *restrict s, float *restrict z) {
     const float a = t->cal_scale, b = t->cal_shift;
     if (t->half) {
-        const uint16_t *restrict scale = (const uint16_t *)t->scale + at, *restrict zero = (const uint16_t *)t->zero + at;
+        const uint16_t *restrict scale = (const uint16_t *)t->scale + at;
+        const uint16_t *restrict zero = (const uint16_t *)t->zero + at;
         for (int64_t i = 0; i < count; i++) {
             const float raw = f16_to_f32(scale[i]);
             s[i] = a * raw;
             z[i] = f16_to_f32(zero[i]) + b * raw;
         }
     } else {
-        const float *restrict scale = (const float *)t->scale + at, *restrict zero = (const float *)t->zero + at;
+        const float *restrict scale = (const float *)t->scale + at;
+        const float *restrict zero = (const float *)t->zero + at;
         for (int64_t i = 0; i < count; i++) {
             s[i] = a * scale[i];
             z[i] = zero[i] + b * scale[i];
@@ -119,7 +121,6 @@ static inline void load_params(const stream_t *t, int64_t at, int64_t count, flo
 typedef float v8 __attribute__((vector_size(32)));
 typedef uint32_t v8u __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
-typedef uint8_t u8x8 __attribute__((vector_size(8)));
 #define LANES 8
 #define MAX_CHUNKS (MAX_DIM / LANES)
 
@@ -150,7 +151,6 @@ static inline __attribute__((always_inline)) v8 codes8(const uint8_t *restrict r
     return __builtin_convertvector((v8i)(words >> shifts & ((1u << bits) - 1)), v8);
 }
 
-
 /* A whole packed row as chunks of eight floats: codes8 per chunk, or, for 1- and 2-bit codes, one word of four
  * bytes (four or two chunks) loaded and broadcast once. */
 static inline __attribute__((always_inline)) void unpack_row(const uint8_t *restrict row, int bits, int64_t chunks,
@@ -158,13 +158,13 @@ static inline __attribute__((always_inline)) void unpack_row(const uint8_t *rest
     int64_t c = 0;
     if (bits <= 2) {
         const int64_t per_word = 4 / bits;
-        const v8u lane = {0, 1, 2, 3, 4, 5, 6, 7};
+        const v8u shifts = (v8u){0, 1, 2, 3, 4, 5, 6, 7} * (uint32_t)bits, mask = (v8u){} + ((1u << bits) - 1);
         for (; c + per_word <= chunks; c += per_word) {
             uint32_t word;
             memcpy(&word, row + c * bits, sizeof word);
             const v8u words = (v8u){} + word;
-            for (int64_t i = 0; i < per_word; i++)
-                out[c + i] = __builtin_convertvector((v8i)(words >> (lane * (uint32_t)bits + (uint32_t)(8 * bits * i)) & ((1u << bits) - 1)), v8);
+            for (int64_t i = 0; i < per_word; i++)  /* chunk c + i: the word's bits from 8 * bits * i */
+                out[c + i] = __builtin_convertvector((v8i)(words >> (shifts + (uint32_t)(8 * bits * i)) & mask), v8);
         }
     }
     for (; c < chunks; c++) out[c] = codes8(row, c, bits);
@@ -182,8 +182,7 @@ static inline const float *exact_row(const stream_t *t, int64_t bh, int64_t n, i
  * k = s (.) c + z per channel, with s and z shared by a group of tokens, so q . k = (q (.) s) . c + q . z, where
  * qs = q (.) s and qz = q . z are made once per group; codes are unpacked into registers and dropped. */
 static inline __attribute__((always_inline)) void key_scores(const stream_t *restrict k, int bits, int64_t chunks,
-        int64_t bh,
-        int64_t start, int64_t end, int64_t R, int64_t N, int64_t D, const float *restrict q,
+        int64_t bh, int64_t start, int64_t end, int64_t R, int64_t N, int64_t D, const float *restrict q,
         const uint8_t *restrict allowed, float *restrict qs, float *restrict qz, float *restrict scores) {
     float scale[MAX_DIM], zero[MAX_DIM];
     int64_t group_end = start;  /* the first token past the group whose qs and qz are made */
@@ -441,8 +440,8 @@ int kv_decode_attention(int64_t BH, int64_t R, int64_t N, int64_t D, const float
             const int64_t end = start + BLOCK < N ? start + BLOCK : N;
             const int bits = vbits;
             const int64_t groups = bits == 32 ? 1 : vgroups;
-#define VALUES(b, chunks) value_sums(&v, b, chunks, bh, start, end, R, N, D, scores + bh * R * N, allowed, acc + bh * R * D, \
-                             zacc + bh * R * groups)
+#define VALUES(b, chunks) value_sums(&v, b, chunks, bh, start, end, R, N, D, scores + bh * R * N, allowed, \
+                                    acc + bh * R * D, zacc + bh * R * groups)
             FOR_BITS(VALUES)
 #undef VALUES
         }
