@@ -4,6 +4,7 @@ absent. `make_hf_model` builds tiny random-weight transformers models on disk to
 from __future__ import annotations
 
 import math
+import signal
 from pathlib import Path
 
 import pytest
@@ -135,3 +136,10 @@ def kernels_on(request, monkeypatch) -> bool:
     yield request.param == "kernels"
     monkeypatch.undo()
     cpu_kernels._library.cache_clear()
+
+
+def default_sigint() -> None:
+    """In a child before exec: SIGINT as a shell gives it (default, unblocked), whatever the test process inherited
+    or set (an ignored or blocked SIGINT survives exec, and Python then never raises KeyboardInterrupt)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})

@@ -31,7 +31,7 @@ from xqinfer.engine import Engine
 from xqinfer.errors import ContextError
 from xqinfer.sampling import SamplingParams
 
-from conftest import SHARED
+from conftest import SHARED, default_sigint
 
 STORIES = SHARED / "models" / "stories260K"
 TURNS = ("Once upon a time", "The little dog")
@@ -429,7 +429,7 @@ class Terminal:
         fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 200, 0, 0))
         self.process = subprocess.Popen(
             [sys.executable, "-c", BOOT, *map(str, args)],
-            stdin=slave, stdout=slave, stderr=slave, start_new_session=True, env=env,
+            stdin=slave, stdout=slave, stderr=slave, start_new_session=True, env=env, preexec_fn=default_sigint,
         )
         os.close(slave)
         self.master = master

@@ -24,7 +24,7 @@ import xqinfer.plan
 from xqinfer import cli
 from xqinfer.sampling import SamplingParams
 
-from conftest import SHARED
+from conftest import SHARED, default_sigint
 
 STORIES = SHARED / "models" / "stories260K"
 PROMPT = "Once upon a time"
@@ -74,6 +74,7 @@ def start_cli(*args: object, **env: str) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=child_env(**env),
+        preexec_fn=default_sigint,
     )
 
 
