@@ -128,6 +128,11 @@ static inline v8 load8(const float *p) { v8 x; memcpy(&x, p, sizeof x); return x
 static inline void store8(float *p, v8 x) { memcpy(p, &x, sizeof x); }
 static inline float sum8(v8 x) { return ((x[0] + x[4]) + (x[1] + x[5])) + ((x[2] + x[6]) + (x[3] + x[7])); }
 
+/* The codes at bit offsets `shifts` of `words` (one per lane), `bits` wide, as floats. */
+static inline v8 shifted_codes(v8u words, v8u shifts, int bits) {
+    return __builtin_convertvector((v8i)(words >> shifts & ((1u << bits) - 1)), v8);
+}
+
 /* Channels 8k .. 8k + 7 of a packed row as floats. Those eight codes fill `bits` consecutive bytes (code i of byte
  * j is channel j * 8 / bits + i, in bits i * bits and up), so one little-endian word (two for bytes), shifted per
  * lane, holds them all. `bits` is a constant wherever this is inlined. */
@@ -148,7 +153,7 @@ static inline __attribute__((always_inline)) v8 codes8(const uint8_t *restrict r
         words = (v8u){} + word;
         shifts = lane * (uint32_t)bits;
     }
-    return __builtin_convertvector((v8i)(words >> shifts & ((1u << bits) - 1)), v8);
+    return shifted_codes(words, shifts, bits);
 }
 
 /* A whole packed row as chunks of eight floats: codes8 per chunk, or, for 1- and 2-bit codes, one word of four
@@ -158,13 +163,13 @@ static inline __attribute__((always_inline)) void unpack_row(const uint8_t *rest
     int64_t c = 0;
     if (bits <= 2) {
         const int64_t per_word = 4 / bits;
-        const v8u shifts = (v8u){0, 1, 2, 3, 4, 5, 6, 7} * (uint32_t)bits, mask = (v8u){} + ((1u << bits) - 1);
+        const v8u shifts = (v8u){0, 1, 2, 3, 4, 5, 6, 7} * (uint32_t)bits;
         for (; c + per_word <= chunks; c += per_word) {
             uint32_t word;
             memcpy(&word, row + c * bits, sizeof word);
             const v8u words = (v8u){} + word;
             for (int64_t i = 0; i < per_word; i++)  /* chunk c + i: the word's bits from 8 * bits * i */
-                out[c + i] = __builtin_convertvector((v8i)(words >> (shifts + (uint32_t)(8 * bits * i)) & mask), v8);
+                out[c + i] = shifted_codes(words, shifts + (uint32_t)(8 * bits * i), bits);
         }
     }
     for (; c < chunks; c++) out[c] = codes8(row, c, bits);
@@ -400,7 +405,8 @@ int kv_decode_attention(int64_t BH, int64_t R, int64_t N, int64_t D, const float
     const stream_t v = {vcodes, vcode_stride, vrow_bytes, vbits, vgroup, vgroups, vscale, vzero, vparam_stride,
                         vhalf, vcal_scale, vcal_shift, vrecent, vrows, vring, vring_stride};
     const int64_t blocks = (N + BLOCK - 1) / BLOCK, items = BH * blocks, size = BH * R * D;
-    const int64_t zsize = BH * R * (vbits == 32 ? 1 : vgroups);
+    const int64_t zgroups = vbits == 32 ? 1 : vgroups;  /* zacc's groups per query row (plain values: unused) */
+    const int64_t zsize = BH * R * zgroups;
     /* per thread: a dense copy of q times the softmax scale, qs and qz (keys), sums of p v and of p z (values) */
     const int64_t work_size = 2 * R * D + R + size + zsize;
     float *scores = malloc(sizeof(float) * BH * R * N);
@@ -439,22 +445,20 @@ int kv_decode_attention(int64_t BH, int64_t R, int64_t N, int64_t D, const float
             const int64_t bh = item / blocks, start = (item % blocks) * BLOCK;
             const int64_t end = start + BLOCK < N ? start + BLOCK : N;
             const int bits = vbits;
-            const int64_t groups = bits == 32 ? 1 : vgroups;
 #define VALUES(b, chunks) value_sums(&v, b, chunks, bh, start, end, R, N, D, scores + bh * R * N, allowed, \
-                                    acc + bh * R * D, zacc + bh * R * groups)
+                                    acc + bh * R * D, zacc + bh * R * zgroups)
             FOR_BITS(VALUES)
 #undef VALUES
         }
     }
     /* the threads' sums, and each value group's sum of p z added to its channels */
-    const int64_t groups = vbits == 32 ? 1 : vgroups;
     for (int64_t line = 0; line < BH * R; line++)
         for (int64_t d = 0; d < D; d++) {
             float total = 0.f;
             for (int t = 0; t < threads; t++) {
                 const float *partial = work + (int64_t)t * work_size + 2 * R * D + R;
                 total += partial[line * D + d];
-                if (vbits != 32) total += partial[size + line * groups + d / vgroup];
+                if (vbits != 32) total += partial[size + line * zgroups + d / vgroup];
             }
             out[line * D + d] = total;
         }
