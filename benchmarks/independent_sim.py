@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import sys
@@ -224,7 +225,7 @@ def xquant_latents(model, side: Side, group: int, outlier: bool):
         for projection, keys in ((layer.self_attn.k_proj, True), (layer.self_attn.v_proj, False)):
             u, m = left_singular(projection.weight.T)
             handles.append(projection.register_forward_hook(
-                lambda module, args, out, u=u, m=m, keys=keys: rebuilt(module, args, out, u, m, keys)))
+                functools.partial(rebuilt, u=u, m=m, per_channel_groups=keys)))
     try:
         yield
     finally:
@@ -252,8 +253,8 @@ def xquant_cl_deltas(model, side: Side, base: Side, base_layers: int, group: int
     for index, layer in enumerate(model.model.layers):
         attention = layer.self_attn
         basis, _ = left_singular(torch.cat((attention.k_proj.weight, attention.v_proj.weight)).T)
-        handles.append(attention.k_proj.register_forward_hook(
-            lambda module, args, out, index=index, basis=basis: keys(module, args, out, index, basis)))
+        handles.append(attention.k_proj.register_forward_hook(functools.partial(keys, index=index, basis=basis)))
+        # Llama's attention calls k_proj before v_proj, so v_proj reads the X̂ that k_proj's hook just rebuilt.
         handles.append(attention.v_proj.register_forward_hook(
             lambda module, args, out, index=index: F.linear(rebuilt[index], module.weight, module.bias)))
     try:
