@@ -19,6 +19,7 @@ from xqinfer import quant
 from xqinfer.cache import make_cache
 from xqinfer.cache.base import EMPTY_SLOT, CacheSpec, parse_spec
 from xqinfer.cache.stream import FULL_PRECISION, QuantStream
+from xqinfer.cache.xquant_cl import stored_basis
 from xqinfer.config import ModelConfig
 from xqinfer.engine import Engine
 from xqinfer.errors import CacheSpecError, XQInferWarning
@@ -127,6 +128,8 @@ XQUANT_GQA_SPECS = [
 CL_SPECS = [
     "xquant-cl:absorb=0,base_layers=1",
     "xquant-cl:absorb=1,base_layers=3",
+    # The shaped basis E, D (and the clip search, which quantization off bypasses): E·D is still U_kv·U_kvᵀ.
+    "xquant-cl:absorb=1,base_layers=1,key_weight=0.5,sigma_power=0.5,rotate=1,clip=1",
 ]
 FULL_PRODUCT = (
     [f"kivi:prerope={p},group=8,residual={r}" for p in (0, 1) for r in (0, 16)]
@@ -569,3 +572,18 @@ def test_xquant_on_gqa_with_kv_dim_above_hidden_runs():
     reference = _run(model, parse_spec("fp16"), ids[:16], ids[16:], 1024)
     logits = _run(model, quantization_off("xquant:group=8,residual=0"), ids[:16], ids[16:], 1024)
     assert (logits - reference).abs().max() <= 1e-4
+
+
+def test_the_stored_basis_is_the_plain_svd_by_default_and_keeps_k_and_v_exact_when_shaped():
+    g = torch.Generator().manual_seed(0)
+    wk, wv, x = (torch.randn(*shape, generator=g, dtype=torch.float64) for shape in ((16, 64), (16, 64), (5, 64)))
+    encode, decode = stored_basis(wk, wv)
+    assert encode.shape == (64, 32) and torch.equal(decode, encode.T)
+    assert torch.allclose(encode.T @ encode, torch.eye(32, dtype=torch.float64), atol=1e-12)
+    layer3, layer4 = stored_basis(wk, wv, 0.5, 0.5, 3), stored_basis(wk, wv, 0.5, 0.5, 4)
+    for e, d in (layer3, layer4):
+        assert e.shape == (64, 32) and not torch.allclose(e.T @ e, torch.eye(32, dtype=torch.float64))
+        for w in (wk, wv):  # only the span of [Wk | Wv] survives the round trip, and that is all K and V read
+            assert torch.allclose(x @ e @ d @ w.T, x @ w.T, atol=1e-10)
+    assert torch.equal(layer3[0], stored_basis(wk, wv, 0.5, 0.5, 3)[0])  # the rotation is seeded: same every load
+    assert not torch.allclose(layer3[0], layer4[0])  # and differs per layer

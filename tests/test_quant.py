@@ -10,9 +10,11 @@ import torch
 from xqinfer import quant
 from xqinfer.quant import (
     BITS,
+    CLIP_RATIOS,
     BitPacker,
     Layout,
     Quantized,
+    clipped_params,
     dequantize,
     dequantize_codes,
     minmax_params,
@@ -286,6 +288,73 @@ def test_low_level_functions_compose_into_preallocated_buffers() -> None:
     view = dataclasses.replace(ref, codes=codes_buf[..., 4:12, :], scale=scale_buf[..., 4:12, :],
                                zero=zero_buf[..., 4:12, :])
     assert torch.equal(dequantize(view), dequantize(ref))
+
+
+# ----------------------------------------------------------------------------------------------- clip search
+
+
+def _group_errors(xg: torch.Tensor, scale, zero, bits: int, eta: float = 0.0) -> torch.Tensor:
+    codes = quantize_codes(xg, scale, zero, bits)
+    return (dequantize_codes(codes, scale, zero, bits, torch.float32, eta=eta) - xg).square().sum(-1)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("eta", [0.0, 0.045])
+def test_clip_search_picks_the_first_best_ratio_of_every_group(bits: int, eta: float) -> None:
+    xg = to_groups(_data((64, 256), seed=11), 64, "token")
+    scale, zero = clipped_params(xg, bits, eta=eta)
+    lo, hi = xg.amin(-1, keepdim=True), xg.amax(-1, keepdim=True)
+    errors, params = [], []
+    for ratio in CLIP_RATIOS:  # one candidate at a time, as the search's definition reads
+        inset = (1.0 - ratio) / 2 * (hi - lo)
+        z = quant._round_stored(lo + inset, torch.float16, float("-inf"))
+        s = quant._round_stored((hi - inset - z.float()).clamp_min(0) / (2**bits - 1), torch.float16, float("inf"))
+        errors.append(_group_errors(xg, s, z, bits, eta))
+        params.append((s, z))
+    best = torch.stack(errors).argmin(0)
+    expected_scale = torch.stack([s for s, _ in params]).squeeze(-1)
+    expected_zero = torch.stack([z for _, z in params]).squeeze(-1)
+    assert torch.equal(scale.squeeze(-1), expected_scale.gather(0, best[None]).squeeze(0))
+    assert torch.equal(zero.squeeze(-1), expected_zero.gather(0, best[None]).squeeze(0))
+
+
+def test_clip_search_lowers_the_error_of_gaussian_groups_by_about_a_third() -> None:
+    xg = to_groups(torch.randn(256, 384, generator=torch.Generator().manual_seed(3)), 384, "token")
+    plain = _group_errors(xg, *minmax_params(xg, 3), 3)
+    searched = _group_errors(xg, *clipped_params(xg, 3), 3)
+    assert bool((searched <= plain).all())
+    assert 0.55 < float(searched.sum() / plain.sum()) < 0.8
+
+
+def test_clip_search_keeps_constant_groups_exact_and_min_max_when_nothing_beats_it() -> None:
+    constant = torch.full((4, 1, 32), 0.75)
+    scale, zero = clipped_params(constant, 2)
+    assert torch.equal(dequantize_codes(quantize_codes(constant, scale, zero, 2), scale, zero, 2), constant)
+    two_values = torch.tensor([[-1.0, 3.0] * 8])  # min-max puts both on a level: error 0, the first ratio
+    searched, plain = clipped_params(two_values, 2), minmax_params(two_values, 2)
+    assert torch.equal(searched[0], plain[0]) and torch.equal(searched[1], plain[1])
+
+
+@pytest.mark.parametrize("axis", ["token", "channel"])
+def test_clip_search_leaves_the_padding_of_a_ragged_group_out(axis: str) -> None:
+    x = _data((40, 96), seed=5)
+    if axis == "channel":
+        x = x.T.contiguous()  # 96 tokens of 40 channels; round_trip pads the last group of 64 tokens
+    layout = Layout(3, 64, axis, clip=True)
+    out = layout.simulate(x)
+    tail = x[..., 64:] if axis == "token" else x[64:]
+    alone = Layout(3, 64, axis, clip=True).simulate(tail)
+    assert torch.equal(out[..., 64:] if axis == "token" else out[64:], alone)
+
+
+def test_clip_search_quantize_and_simulate_agree() -> None:
+    x = _data((2, 64, 128), seed=8, dtype=torch.bfloat16)
+    for axis in ("token", "channel"):
+        layout = Layout(3, 32, axis, clip=True)
+        q = layout.quantize(x)
+        codes = layout.unpack(q.codes, x.shape[-1])
+        assert torch.equal(layout.dequantize(codes, q.scale, q.zero, x.dtype), layout.simulate(x))
+        assert not torch.equal(layout.simulate(x), Layout(3, 32, axis).simulate(x))
 
 
 # ----------------------------------------------------------------------------------------------- calibration

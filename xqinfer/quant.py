@@ -72,6 +72,8 @@ __all__ = [
     "group_count",
     "pad_to_groups",
     "minmax_params",
+    "CLIP_RATIOS",
+    "clipped_params",
     "quantize_codes",
     "dequantize_codes",
     "calibrated_params",
@@ -254,6 +256,43 @@ def minmax_params(
     span = (hi - _float32_operand(zero)).clamp_min(0.0)
     scale = _round_stored(span / _levels(bits), scale_dtype, float("inf"))
     return scale, zero
+
+
+CLIP_RATIOS: tuple[float, ...] = tuple(1.0 - 0.05 * i for i in range(11))
+"""The ranges :func:`clipped_params` tries, as fractions of each group's min-max range (1.0 first: min-max)."""
+
+
+def clipped_params(
+    xg: Tensor,
+    bits: int,
+    scale_dtype: torch.dtype = torch.float16,
+    dim: int = -1,
+    eta: float = 0.0,
+    weight: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Like :func:`minmax_params`, but each group's range is the one of :data:`CLIP_RATIOS` (shrunk about the range's
+    centre) whose round trip, codes clamped and ``eta`` applied, has the least squared error over the group.
+
+    Clipping the few extreme elements gives every other element a finer step: on Gaussian groups of 384 at 3 bits
+    it lowers the error by about a third. The first best ratio wins, so a group min-max reconstructs as well as any
+    keeps min-max. ``weight`` (0 or 1, broadcastable against ``xg``) leaves padding out of the error.
+    """
+    _check_bits(bits)
+    xf = _cast(xg, torch.float32)
+    lo = xf.amin(dim=dim, keepdim=True)
+    hi = xf.amax(dim=dim, keepdim=True)
+    # Every candidate at once along a new leading dimension: a handful of ops per call whatever the ratio count.
+    ratios = torch.tensor(CLIP_RATIOS, dtype=torch.float32, device=xf.device).view(-1, *([1] * xf.dim()))
+    inset = (1.0 - ratios) / 2 * (hi - lo)
+    zero = _round_stored(lo + inset, scale_dtype, float("-inf"))
+    span = (hi - inset - _float32_operand(zero)).clamp_min(0.0)
+    scale = _round_stored(span / _levels(bits), scale_dtype, float("inf"))
+    codes = quantize_codes(xf, scale, zero, bits)
+    error = (dequantize_codes(codes, scale, zero, bits, torch.float32, eta=eta) - xf).square_()
+    if weight is not None:
+        error = error * weight
+    best = error.sum(dim=dim, keepdim=True).argmin(dim=0, keepdim=True)
+    return scale.gather(0, best).squeeze(0), zero.gather(0, best).squeeze(0)
 
 
 def quantize_codes(xg: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Tensor:
@@ -460,7 +499,8 @@ class Layout:
 
     ``group`` is the requested size; each call groups with ``min(group, size)`` of the grouped dimension. ``eta`` is
     the calibration :func:`dequantize` applies (see :func:`calibrated_params`). ``packer``: a :class:`BitPacker` for
-    ``bits`` made in advance on the tensors' device (a cache's); by default one is made on the CPU.
+    ``bits`` made in advance on the tensors' device (a cache's); by default one is made on the CPU. ``clip``: each
+    group's range is searched (:func:`clipped_params`) instead of taken as its min and max.
     """
 
     bits: int
@@ -469,6 +509,7 @@ class Layout:
     eta: float = 0.0
     scale_dtype: torch.dtype = torch.float16
     packer: BitPacker | None = None
+    clip: bool = False
 
     def __post_init__(self) -> None:
         _check_bits(self.bits)
@@ -486,14 +527,25 @@ class Layout:
 
     def params(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Scale and zero of ``x``'s groups, as stored (without the codes: a layer that shares another's)."""
-        scale, zero = minmax_params(to_groups(x, self.group, self.axis), self.bits, self.scale_dtype, dim=self.dim)
+        scale, zero = self._group_params(to_groups(x, self.group, self.axis), x.shape[self.dim])
         return scale.squeeze(self.dim), zero.squeeze(self.dim)
+
+    def _group_params(self, xg: Tensor, size: int) -> tuple[Tensor, Tensor]:
+        """Scale and zero of grouped ``xg``, whose grouped dimension held ``size`` elements before padding."""
+        if not self.clip:
+            return minmax_params(xg, self.bits, self.scale_dtype, dim=self.dim)
+        padded = xg.shape[-1] * xg.shape[-2] if self.axis == "token" else xg.shape[-3] * xg.shape[-2]
+        weight = None
+        if padded != size:
+            real = torch.arange(padded, device=xg.device) < size
+            weight = real.view(xg.shape[-2:]) if self.axis == "token" else real.view(*xg.shape[-3:-1], 1)
+        return clipped_params(xg, self.bits, self.scale_dtype, self.dim, self.eta, weight)
 
     def quantize(self, x: Tensor) -> Quantized:
         """Packed codes, scale and zero of ``x`` (see the module docstring for the layouts)."""
         # Cast once here rather than once in each of minmax_params and quantize_codes.
         xg = to_groups(_cast(x, torch.float32), self.group, self.axis)
-        scale, zero = minmax_params(xg, self.bits, self.scale_dtype, dim=self.dim)
+        scale, zero = self._group_params(xg, x.shape[self.dim])
         codes = from_groups(quantize_codes(xg, scale, zero, self.bits), self.axis, x.shape[self.dim])
         return Quantized(
             codes=self.packer.pack(codes, in_range=True),  # quantize_codes clamps them
@@ -526,7 +578,7 @@ class Layout:
         size = x.shape[self.dim]  # of the grouped dimension, before any padding
         padded = pad_to_groups(x, min(self.group, size), self.dim) if self.axis == "channel" else x
         grouped = to_groups(padded, self.group, self.axis)
-        scale, zero = minmax_params(grouped, self.bits, self.scale_dtype, dim=self.dim)
+        scale, zero = self._group_params(grouped, size)
         if codes is None:
             codes = quantize_codes(grouped, scale, zero, self.bits)
         out = dequantize_codes(codes, scale, zero, self.bits, torch.float32, eta=self.eta)

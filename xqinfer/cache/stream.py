@@ -55,6 +55,7 @@ class QuantStream:
         scale_dtype: torch.dtype = torch.float16,
         eta: float = 0.0,
         codes_from: QuantStream | None = None,
+        clip: bool = False,
     ) -> None:
         self.capacity = capacity
         self.eta = eta
@@ -92,7 +93,7 @@ class QuantStream:
         # Per channel, the open group's tokens must stay somewhere until it closes, even with residual=0.
         ring = residual if axis == "token" else max(residual, self.group)
         self.ring = torch.zeros(*lead, ring, channels, dtype=dtype, device=device)
-        self.layout = quant.Layout(bits, self.group, axis, eta, scale_dtype, quant.BitPacker(bits, device))
+        self.layout = quant.Layout(bits, self.group, axis, eta, scale_dtype, quant.BitPacker(bits, device), clip)
         # A group's token slots from its first, for the decode step's per-channel write.
         self.group_offsets = torch.arange(self.group, device=device) if axis == "channel" else None
         self.ring_rows = torch.arange(ring, device=device)

@@ -27,6 +27,11 @@ class XQuantCLCache(Cache):
         "group": Option(128, minimum=1),
         "absorb": Option(1, choices=(0, 1)),
         "eta": Option(0.0, minimum=0.0, maximum=0.5),
+        # Ours, not [T]'s (methods.md, "shaping the stored basis"): how the stored latents are laid out and rounded.
+        "key_weight": Option(1.0, minimum=0.01, maximum=100.0),
+        "sigma_power": Option(0.0, minimum=0.0, maximum=1.0),
+        "rotate": Option(0, choices=(0, 1)),
+        "clip": Option(0, choices=(0, 1)),
     }
 
     def __init__(self, *args, **kwargs) -> None:
@@ -85,11 +90,16 @@ class XQuantCLLayer(LayerCache):
         super().__init__(parent, index)
         o, config = parent.spec.options, parent.config
         self.is_base = index < o["base_layers"]
-        self.basis = shared_basis(self.projection.wk, self.projection.wv) if config.is_gqa else None
-        width = self.basis.shape[1] if self.basis is not None else config.hidden_size
+        shaped = o["key_weight"] != 1.0 or o["sigma_power"] or o["rotate"]
+        self.encode, self.decode = (
+            stored_basis(self.projection.wk, self.projection.wv, o["key_weight"], o["sigma_power"],
+                         index if o["rotate"] else None)
+            if config.is_gqa or shaped else (None, None)
+        )
+        width = self.encode.shape[1] if self.encode is not None else config.hidden_size
         bits = o["base_bits"] if self.is_base else o["bits"]
         self.stream = QuantStream((parent.batch_size,), parent.capacity, width, bits, o["group"], "token", 0,
-                                  parent.dtype, parent.device, eta=o["eta"])
+                                  parent.dtype, parent.device, eta=o["eta"], clip=bool(o["clip"]))
 
     def attend(self, step: Step, x: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         parent, p, absorb = self.parent, self.projection, self.parent.spec.options["absorb"]
@@ -115,17 +125,34 @@ class XQuantCLLayer(LayerCache):
                               absorb)
 
     def _to_stream_basis(self, x: Tensor) -> Tensor:
-        return x if self.basis is None else x @ self.basis
+        return x if self.encode is None else x @ self.encode
 
     def _to_model_basis(self, y: Tensor) -> Tensor:
-        return y if self.basis is None else y @ self.basis.T
+        return y if self.decode is None else y @ self.decode
 
     def tensors(self) -> list[Tensor]:
         return self.stream.tensors()
 
 
-def shared_basis(wk: Tensor, wv: Tensor) -> Tensor:
-    """U_kv: the left singular vectors of [Wk | Wv] (d × 2·d_kv, row-vector convention), orthonormal columns."""
-    stacked = torch.cat((wk, wv), dim=0).T.to(torch.float64)
-    u, _, _ = torch.linalg.svd(stacked, full_matrices=False)
-    return u.to(wk.dtype).contiguous()
+def stored_basis(wk: Tensor, wv: Tensor, key_weight: float = 1.0, sigma_power: float = 0.0,
+                 rotation_seed: int | None = None) -> tuple[Tensor, Tensor]:
+    """(E, D): a layer stores `Q(ΔX·E)` and adds `Q(·)·D` to its accumulator; `E·D = U_kv·U_kvᵀ`.
+
+    U_kv [d, r], r = min(d, 2·d_kv), are the left singular vectors of `[key_weight·Wk | Wv]` (the same span for
+    any key_weight > 0). `E = U_kv·diag(w)·R`, `D = Rᵀ·diag(1/w)·U_kvᵀ` with `w = (σ/mean σ)^sigma_power`, so the
+    rounding error lands in K and V scaled by `σ/w`; R is a random orthogonal matrix (seeded) that spreads every
+    direction over every stored channel, or the identity. The defaults give [T]'s plain `E = U_kv`, `D = Eᵀ`.
+    """
+    stacked = torch.cat((key_weight * wk, wv), dim=0).T.to(torch.float64)
+    u, sigma, _ = torch.linalg.svd(stacked, full_matrices=False)
+    if not sigma_power and rotation_seed is None:
+        encode = u.to(wk.dtype).contiguous()
+        return encode, encode.T
+    # A direction with σ ≈ 0 does not reach K or V; the floor only keeps D finite.
+    weights = (sigma / sigma.mean()).clamp_min(1e-3) ** sigma_power
+    encode, decode = u * weights, (u / weights).T
+    if rotation_seed is not None:
+        generator = torch.Generator().manual_seed(rotation_seed)
+        rotation, _ = torch.linalg.qr(torch.randn(u.shape[1], u.shape[1], generator=generator, dtype=torch.float64))
+        encode, decode = encode @ rotation, rotation.T @ decode
+    return encode.to(wk.dtype).contiguous(), decode.to(wk.dtype).contiguous()
