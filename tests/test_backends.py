@@ -57,8 +57,10 @@ def test_without_kernels_only_cpu_fp32_stores_the_tall_weights_transposed(tied, 
 def test_a_cpu_model_is_prepared_at_load(dtype, kernels_on, monkeypatch):
     calls = []
     monkeypatch.setattr(cpu, "keep_freed_host_memory", lambda: calls.append("mallopt"))
+    monkeypatch.setattr(cpu, "back_with_huge_pages", lambda parameters: calls.append(len(list(parameters))))
     model = random_model(_config(tie_word_embeddings=True), dtype, "cpu")
-    assert calls == ["mallopt"]  # in any dtype: the decode step's temporaries are host memory either way
+    # In any dtype: the decode step's temporaries are host memory either way, and every weight is streamed.
+    assert calls == ["mallopt", len(list(model.parameters()))]
     # fp32 takes the CPU modules (the kernels' or, without them, the split products); bf16 the kernels' only.
     tricked = dtype == torch.float32 or (dtype == torch.bfloat16 and kernels_on)
     linears = [module for module in model.modules() if isinstance(module, nn.Linear)]
@@ -98,3 +100,32 @@ def test_without_the_cpu_backend_a_model_is_plain_and_decodes_the_same(tied, ker
             split.clear(), blocks.clear()
     assert not split and not blocks
     torch.testing.assert_close(steps["tricked"], steps["plain"], rtol=1e-5, atol=1e-5)
+
+
+def test_huge_page_spans_are_the_whole_2mib_pages_inside_each_storage_once():
+    huge = cpu.HUGE_PAGE_BYTES
+    spans = [(huge + 1, 3 * huge), (huge + 1, 3 * huge), (4 * huge, huge - 1), (6 * huge, 2 * huge)]
+    assert cpu.huge_page_spans(spans) == [(2 * huge, 2 * huge), (6 * huge, 2 * huge)]
+
+
+def _anon_huge_kib() -> int:
+    with open("/proc/self/smaps_rollup") as rollup:
+        return next(int(line.split()[1]) for line in rollup if line.startswith("AnonHugePages:"))
+
+
+def test_weights_advised_onto_huge_pages_keep_their_values():
+    weights = [torch.randn(3 << 20, generator=torch.Generator().manual_seed(i)) for i in range(2)]  # 12 MiB each
+    before = [w.clone() for w in weights]
+    advised = cpu.back_with_huge_pages([*weights, weights[0][1:]])  # a view: its storage counts once
+    if cpu._glibc() is None:
+        assert advised == 0
+        return
+    assert cpu.HUGE_PAGE_BYTES * 8 <= advised <= sum(w.nbytes for w in weights)
+    assert all(torch.equal(w, b) for w, b in zip(weights, before))
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as mode:
+            thp_off = "[never]" in mode.read()
+    except OSError:
+        thp_off = True
+    if not thp_off:  # the collapse happened where the kernel has THP
+        assert _anon_huge_kib() >= 8 * 2048
