@@ -100,8 +100,8 @@ def test_plan_table_fits_and_keeps_its_key_numbers_whole(width):
 def perplexity_report() -> PerplexityReport:
     specs = ["fp16", "kivi:bits=2,group=128,prerope=1", "xquant-cl:bits=2", "xquant:bits=4"]
     scores = [MethodScore(parse_spec(spec), 1 / (i + 1), str(4 - i), parse_spec(spec).display_name(torch.float32),
-                          nll_sum=1.7 * 1000 + i, nll_squares=3100.0 + i,
-                          kld_sum=float(i), tokens=1000, windows=2, seconds=12.5 + i)
+                          nll_sum=1.7 * 1000 + i, nll_squares=3100.0 + i, delta_nll_sum=float(i),
+                          delta_nll_squares=4.0 * i, kld_sum=float(i), tokens=1000, windows=2, seconds=12.5 + i)
               for i, spec in enumerate(specs)]
     return PerplexityReport("wikitext2-test.txt", "llama-3.1-8b", "stream", 512, 8, 2, scores, with_kld=True)
 
@@ -114,6 +114,8 @@ def test_perplexity_table_fits_and_keeps_its_key_numbers_whole(width):
     for row in report.rows():
         assert row["label"] in text
         assert f"{row['ppl']:.4f} ± {row['ppl_stderr']:.4f}" in text and f"{row['delta_ppl']:+.4f}" in text
+        if row["spec"] != "fp16":  # the baseline's ΔPPL is exact
+            assert f"{row['delta_ppl']:+.4f} ± {row['delta_ppl_stderr']:.4f}" in text
     if width >= 120:
         for row in report.rows():
             assert f"{row['kld']:.5f}" in text and f"{row['normalized_size']:.4f}" in text

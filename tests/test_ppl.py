@@ -218,7 +218,8 @@ def strict_json(path: Path) -> dict:
 TOP_LEVEL = {"dataset": str, "model": str, "protocol": str, "ctx": int, "chunk": int, "scoring": str,
              "windows_total": int, "interrupted": bool, "methods": list}
 ROW = {"spec": str, "label": str, "bits": str, "normalized_size": float, "compression": float, "ppl": float,
-       "ppl_stderr": float, "delta_ppl": float, "tokens": int, "windows": int, "seconds": float}
+       "ppl_stderr": float, "delta_ppl": float, "delta_ppl_stderr": float, "tokens": int, "windows": int,
+       "seconds": float}
 FINAL = re.compile(r"^\[(.+)\] Final estimate: PPL = ([\d.]+) \+/- ([\d.]+)$", re.MULTILINE)
 
 
@@ -260,6 +261,7 @@ def test_ppl_json_schema_and_values(stories, tmp_path, monkeypatch, capsys, sing
         assert row["delta_ppl"] == pytest.approx(row["ppl"] - rows[0]["ppl"], abs=1e-9)
         assert row["tokens"] == 2 * 63 and row["windows"] == 2
         assert row["ppl_stderr"] > 0 and row["seconds"] > 0
+        assert (row["delta_ppl_stderr"] == 0.0) if row["spec"] == "fp16" else (row["delta_ppl_stderr"] > 0.0)
         assert (row["kld"] == 0.0) if row["spec"] == "fp16" else (row["kld"] > 0.0)
     # stdout: the table, then one "Final estimate" line per method that agrees with the JSON.
     text = ANSI.sub("", out)
@@ -269,6 +271,28 @@ def test_ppl_json_schema_and_values(stories, tmp_path, monkeypatch, capsys, sing
     for (_, value, stderr), row in zip(finals, rows):
         assert float(value) == pytest.approx(row["ppl"], abs=1e-4)
         assert float(stderr) == pytest.approx(row["ppl_stderr"], abs=1e-5)
+
+
+def test_delta_ppl_stderr_is_the_paired_error_of_the_per_token_differences(stories, single_thread):
+    specs, ctx, windows = ["fp16", "kivi:bits=2", "xquant:bits=3"], 64, 3
+    report = perplexity(stories, SAMPLE, specs[1:], ctx=ctx, limit=windows)
+    ids = stories.tokenizer.encode(read_text(SAMPLE), add_bos=True)
+    nll = {}
+    for spec in specs:  # each window on a fresh cache, the NLL of every scored token
+        per_window = []
+        for w in range(windows):
+            tokens = torch.tensor([ids[w * ctx : (w + 1) * ctx]])
+            cache = make_cache(parse_spec(spec), stories.model, ctx)
+            cache.simulate = True
+            logits = window_logits(stories, cache, tokens, "sim", 1)[0, :-1].float()
+            per_window.append(torch.nn.functional.cross_entropy(logits, tokens[0, 1:], reduction="none"))
+        nll[spec] = torch.cat(per_window).double()
+    assert report.scores[0].delta_ppl_stderr == 0.0
+    for spec, score in zip(specs[1:], report.scores[1:]):
+        difference = nll[spec] - nll["fp16"]
+        expected = score.ppl * float(difference.std()) / math.sqrt(difference.numel())
+        assert score.delta_ppl_stderr == pytest.approx(expected, rel=1e-5)
+        assert score.delta_ppl_stderr < score.ppl_stderr  # what makes a text hard for both cancels
 
 
 def test_ppl_json_stream_without_kld(stories, tmp_path, monkeypatch, capsys, single_thread):

@@ -125,8 +125,11 @@ def perplexity_table(report, width: int | None = None) -> Table:
     for row in report.rows():
         spread = figure(row["ppl_stderr"], ".4f")
         ppl = figure(row["ppl"], ".4f") + (f" ± {spread}" if spread != "-" else "")
+        delta = figure(row["delta_ppl"], "+.4f")
+        if row["delta_ppl_stderr"] and math.isfinite(row["delta_ppl_stderr"]):  # the baseline's is 0
+            delta += f" ± {figure(row['delta_ppl_stderr'], '.4f')}"
         cells = [row["label"], row["bits"], f"{row['normalized_size']:.4f}", f"{row['compression']:.2f}x",
-                 ppl, figure(row["delta_ppl"], "+.4f")]
+                 ppl, delta]
         cells += [figure(row["kld"], ".5f")] if report.with_kld else []
         cells += [str(row["tokens"]), f"{row['seconds']:.1f}"]
         rows.append(cells)

@@ -80,6 +80,9 @@ class MethodScore:
     nll_sum: float = 0.0
     nll_squares: float = 0.0
     kld_sum: float = 0.0
+    # Of the per-token differences from the baseline's NLL (the same tokens): ΔPPL's own, paired, error.
+    delta_nll_sum: float = 0.0
+    delta_nll_squares: float = 0.0
     tokens: int = 0
     windows: int = 0
     seconds: float = 0.0
@@ -98,6 +101,19 @@ class MethodScore:
         if self.tokens < 2:
             return float("nan")
         variance = max(self.nll_squares / self.tokens - self.mean_nll**2, 0.0) * self.tokens / (self.tokens - 1)
+        return self.ppl * math.sqrt(variance / self.tokens)
+
+    @property
+    def delta_ppl_stderr(self) -> float:
+        """Standard error of ΔPPL = PPL − PPL(baseline), propagated from that of the mean per-token difference of NLL.
+
+        Both score the same tokens, so most of each PPL's own error (which text is hard) cancels: the difference is
+        known far better than either PPL's stderr suggests. Tokens are taken as independent, as for `ppl_stderr`.
+        """
+        if self.tokens < 2:
+            return float("nan")
+        mean = self.delta_nll_sum / self.tokens
+        variance = max(self.delta_nll_squares / self.tokens - mean**2, 0.0) * self.tokens / (self.tokens - 1)
         return self.ppl * math.sqrt(variance / self.tokens)
 
     @property
@@ -136,6 +152,7 @@ class PerplexityReport:
                 "ppl": score.ppl,
                 "ppl_stderr": score.ppl_stderr,
                 "delta_ppl": score.ppl - base,
+                "delta_ppl_stderr": score.delta_ppl_stderr,
                 "kld": score.kld if self.with_kld else None,
                 "tokens": score.tokens,
                 "windows": score.windows,
@@ -203,7 +220,7 @@ def perplexity(
         for window in windows:
             tokens = torch.tensor([window], device=llm.device)
             pending = []
-            reference = None
+            reference = reference_nll = None
             for cache, score in zip(caches, scores):
                 start = time.perf_counter()
                 logits = window_logits(llm, cache, tokens, protocol, chunk)
@@ -211,18 +228,21 @@ def perplexity(
                 nll = -log_probs.gather(-1, tokens[0, first + 1 :, None]).squeeze(-1)
                 divergence = 0.0
                 if reference is None:
-                    reference = log_probs
+                    reference, reference_nll = log_probs, nll
                 elif kld:
                     divergence = F.kl_div(log_probs, reference, log_target=True, reduction="sum").item()
-                pending.append((score, nll.sum().item(), nll.pow(2).sum().item(), divergence, nll.numel(),
-                                time.perf_counter() - start))
+                delta = nll.double() - reference_nll.double()
+                pending.append((score, nll.sum().item(), nll.pow(2).sum().item(), delta.sum().item(),
+                                delta.pow(2).sum().item(), divergence, nll.numel(), time.perf_counter() - start))
                 done += 1
                 if progress:
                     progress(done, total)
             # A window counts only once every method has scored it, so an interrupted table stays comparable.
-            for score, nll_sum, nll_squares, divergence, count, seconds in pending:
+            for score, nll_sum, nll_squares, delta_sum, delta_squares, divergence, count, seconds in pending:
                 score.nll_sum += nll_sum
                 score.nll_squares += nll_squares
+                score.delta_nll_sum += delta_sum
+                score.delta_nll_squares += delta_squares
                 score.kld_sum += divergence
                 score.tokens += count
                 score.windows += 1
