@@ -98,10 +98,7 @@ class MethodScore:
     @property
     def ppl_stderr(self) -> float:
         """Standard error of the PPL, propagated from that of the mean NLL (as llama-perplexity reports it)."""
-        if self.tokens < 2:
-            return float("nan")
-        variance = max(self.nll_squares / self.tokens - self.mean_nll**2, 0.0) * self.tokens / (self.tokens - 1)
-        return self.ppl * math.sqrt(variance / self.tokens)
+        return self.ppl * _stderr_of_mean(self.nll_sum, self.nll_squares, self.tokens)
 
     @property
     def delta_ppl_stderr(self) -> float:
@@ -110,15 +107,19 @@ class MethodScore:
         Both score the same tokens, so most of each PPL's own error (which text is hard) cancels: the difference is
         known far better than either PPL's stderr suggests. Tokens are taken as independent, as for `ppl_stderr`.
         """
-        if self.tokens < 2:
-            return float("nan")
-        mean = self.delta_nll_sum / self.tokens
-        variance = max(self.delta_nll_squares / self.tokens - mean**2, 0.0) * self.tokens / (self.tokens - 1)
-        return self.ppl * math.sqrt(variance / self.tokens)
+        return self.ppl * _stderr_of_mean(self.delta_nll_sum, self.delta_nll_squares, self.tokens)
 
     @property
     def kld(self) -> float:
         return self.kld_sum / self.tokens if self.tokens else float("nan")
+
+
+def _stderr_of_mean(total: float, squares: float, count: int) -> float:
+    """Standard error of a mean from the running sum and sum of squares of `count` samples (unbiased variance)."""
+    if count < 2:
+        return float("nan")
+    mean = total / count
+    return math.sqrt(max(squares / count - mean**2, 0.0) / (count - 1))
 
 
 @dataclass

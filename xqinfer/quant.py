@@ -249,8 +249,11 @@ def minmax_params(
     _check_bits(bits)
     xf = _cast(xg, torch.float32)
     # Not torch.aminmax: it picks a different one of -0.0 and +0.0 than amin/amax do, so it changes stored zeros.
-    lo = xf.amin(dim=dim, keepdim=True)
-    hi = xf.amax(dim=dim, keepdim=True)
+    return _range_params(xf.amin(dim=dim, keepdim=True), xf.amax(dim=dim, keepdim=True), bits, scale_dtype)
+
+
+def _range_params(lo: Tensor, hi: Tensor, bits: int, scale_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Scale and zero, as stored, of the range [lo, hi]: the zero rounded down, the scale rounded up."""
     zero = _round_stored(lo, scale_dtype, float("-inf"))
     # The scale is measured from the zero actually stored, so the top of the range stays covered.
     span = (hi - _float32_operand(zero)).clamp_min(0.0)
@@ -284,9 +287,7 @@ def clipped_params(
     # Every candidate at once along a new leading dimension: a handful of ops per call whatever the ratio count.
     ratios = torch.tensor(CLIP_RATIOS, dtype=torch.float32, device=xf.device).view(-1, *([1] * xf.dim()))
     inset = (1.0 - ratios) / 2 * (hi - lo)
-    zero = _round_stored(lo + inset, scale_dtype, float("-inf"))
-    span = (hi - inset - _float32_operand(zero)).clamp_min(0.0)
-    scale = _round_stored(span / _levels(bits), scale_dtype, float("inf"))
+    scale, zero = _range_params(lo + inset, hi - inset, bits, scale_dtype)
     codes = quantize_codes(xf, scale, zero, bits)
     error = (dequantize_codes(codes, scale, zero, bits, torch.float32, eta=eta) - xf).square_()
     if weight is not None:
