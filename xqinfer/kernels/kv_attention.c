@@ -1,7 +1,8 @@
 /* One decode step of attention straight from a KIVI-layout cache (per-channel keys, per-token values), on a CPU.
  *
- * Never writes the dequantized history: scales and zeros fold into the query (keys) and into the attention weights
- * (values), so codes are unpacked into registers (keys) or a tile of rows in L1 (values), used, and dropped. Rows
+ * Never writes the dequantized history: the keys' scales and zeros fold into the query, so their codes are unpacked
+ * into registers, used, and dropped; values are dequantized a tile of rows at a time in L1, shared by the query rows
+ * of their KV head. Rows
  * read in full precision (the residual window) come from the stream's ring instead; slots the mask excludes are
  * skipped, so the empty part of a span bucket costs nothing. D must be a multiple of 8, and so must per-token
  * value groups (vgroup): eight channels are one vector.
@@ -95,38 +96,26 @@ static inline float f16_to_f32(uint16_t h) {
 }
 #endif
 
-/* s[0..count), z[0..count) = the calibrated parameters from element `at` of a stream's scale and zero */
-static inline void load_params(const stream_t *t, int64_t at, int64_t count, float *restrict s, float *restrict z) {
-    const float a = t->cal_scale, b = t->cal_shift;
-    if (t->half) {
-        const uint16_t *restrict scale = (const uint16_t *)t->scale + at;
-        const uint16_t *restrict zero = (const uint16_t *)t->zero + at;
-        for (int64_t i = 0; i < count; i++) {
-            const float raw = f16_to_f32(scale[i]);
-            s[i] = a * raw;
-            z[i] = f16_to_f32(zero[i]) + b * raw;
-        }
-    } else {
-        const float *restrict scale = (const float *)t->scale + at;
-        const float *restrict zero = (const float *)t->zero + at;
-        for (int64_t i = 0; i < count; i++) {
-            s[i] = a * scale[i];
-            z[i] = zero[i] + b * scale[i];
-        }
-    }
-}
-
 /* Eight floats as one vector (GCC's and clang's vector extensions: AVX on x86, NEON on Arm, without intrinsics).
  * The kernel needs D % 8 == 0 and, per token, value groups that are whole vectors (vgroup % 8 == 0). */
 typedef float v8 __attribute__((vector_size(32)));
 typedef uint32_t v8u __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
+#ifdef __FLT16_MAX__
+typedef _Float16 v8h __attribute__((vector_size(16)));
+#endif
 #define LANES 8
 #define MAX_CHUNKS (MAX_DIM / LANES)
 
 static inline v8 load8(const float *p) { v8 x; memcpy(&x, p, sizeof x); return x; }
 static inline void store8(float *p, v8 x) { memcpy(p, &x, sizeof x); }
-static inline float sum8(v8 x) { return ((x[0] + x[4]) + (x[1] + x[5])) + ((x[2] + x[6]) + (x[3] + x[7])); }
+/* The sum of a vector's lanes, halved by shuffles: written element by element, it compiles to a chain of scalar
+ * extracts and adds. */
+static inline float sum8(v8 x) {
+    typedef float v4 __attribute__((vector_size(16)));
+    const v4 half = __builtin_shufflevector(x, x, 0, 1, 2, 3) + __builtin_shufflevector(x, x, 4, 5, 6, 7);
+    return (half[0] + half[2]) + (half[1] + half[3]);
+}
 
 /* The codes at bit offsets `shifts` of `words` (one per lane), `bits` wide, as floats. */
 static inline v8 shifted_codes(v8u words, v8u shifts, int bits) {
@@ -173,6 +162,40 @@ static inline __attribute__((always_inline)) void unpack_row(const uint8_t *rest
         }
     }
     for (; c < chunks; c++) out[c] = codes8(row, c, bits);
+}
+
+/* s[0..count), z[0..count) = the calibrated parameters from element `at` of a stream's scale and zero. float16
+ * is widened eight at a time: one scalar conversion per element merges into its destination register, a false
+ * dependency that chains the loop (a quarter of a 2-bit step's time in per-channel key groups). */
+static inline void load_params(const stream_t *t, int64_t at, int64_t count, float *restrict s, float *restrict z) {
+    const float a = t->cal_scale, b = t->cal_shift;
+    int64_t i = 0;
+    if (t->half) {
+        const uint16_t *restrict scale = (const uint16_t *)t->scale + at;
+        const uint16_t *restrict zero = (const uint16_t *)t->zero + at;
+#ifdef __FLT16_MAX__
+        for (; i + LANES <= count; i += LANES) {
+            v8h raw, offset;
+            memcpy(&raw, scale + i, sizeof raw);
+            memcpy(&offset, zero + i, sizeof offset);
+            const v8 widened = __builtin_convertvector(raw, v8);
+            store8(s + i, a * widened);
+            store8(z + i, __builtin_convertvector(offset, v8) + b * widened);
+        }
+#endif
+        for (; i < count; i++) {
+            const float raw = f16_to_f32(scale[i]);
+            s[i] = a * raw;
+            z[i] = f16_to_f32(zero[i]) + b * raw;
+        }
+    } else {
+        const float *restrict scale = (const float *)t->scale + at;
+        const float *restrict zero = (const float *)t->zero + at;
+        for (; i < count; i++) {
+            s[i] = a * scale[i];
+            z[i] = zero[i] + b * scale[i];
+        }
+    }
 }
 
 /* Row n of head bh where it is held in float32: a plain stream's row, or the ring's copy of a recent token; NULL
@@ -232,54 +255,63 @@ static inline __attribute__((always_inline)) void key_scores(const stream_t *res
 }
 
 /* acc[r] += sum_n p[r][n] v_n over tokens [start, end) of head bh (p: the softmax of scores, rows N apart).
- * Quantized values: v = s_g c + z_g per token and group g of channels, so p v = p (s_g c) + p z_g: each row's codes
- * are unpacked already scaled (into L1, shared by the R query rows) and the zeros summed per group into
- * zacc[r][g], added once at the end. Tokens go TILE at a time, so that each query row's accumulators stay in
- * registers over a tile instead of being loaded and stored for every token. */
+ * Quantized values (v = s_g c + z_g per token and group g of channels) are dequantized a row at a time into a tile
+ * in L1, shared by the R query rows, and never written further. Tokens go TILE positions at a time: their scales
+ * and zeros are contiguous, so they load as vectors, and each query row's accumulators stay in registers over a
+ * tile instead of being loaded and stored for every token. */
 #define TILE 8
 static inline __attribute__((always_inline)) void value_sums(const stream_t *restrict v, int bits, int64_t chunks,
         int64_t bh, int64_t start, int64_t end, int64_t R, int64_t N, int64_t D, const float *restrict p,
-        const uint8_t *restrict allowed, float *restrict acc, float *restrict zacc) {
-    const int64_t per_group = v->group / LANES, groups = bits == 32 ? 0 : v->groups;
-    float scaled[TILE][MAX_DIM], zero[TILE][MAX_CHUNKS];
+        const uint8_t *restrict allowed, float *restrict acc) {
+    const int64_t per_group = v->group / LANES, groups = v->groups;
+    float rows_tile[TILE][MAX_DIM], scale[TILE * MAX_CHUNKS], zero[TILE * MAX_CHUNKS];
     const float *rows[TILE];
-    int64_t tokens[TILE], count = 0;
-    for (int64_t n = start; n < end; n++) {
-        if (allowed[n]) {
+    int64_t tokens[TILE];
+    for (int64_t first = start; first < end; first += TILE) {
+        const int64_t last = first + TILE < end ? first + TILE : end;
+        if (bits != 32) load_params(v, bh * v->param_stride + first * groups, (last - first) * groups, scale, zero);
+        int64_t count = 0;
+        for (int64_t n = first; n < last; n++) {
+            if (!allowed[n]) continue;
             const float *value = exact_row(v, bh, n, D);
-            float *z = zero[count];
-            if (value) {
-                for (int64_t g = 0; g < groups; g++) z[g] = 0.f;
-            } else {
-                float scale[MAX_CHUNKS];
-                load_params(v, bh * v->param_stride + n * groups, groups, scale, z);
-                const uint8_t *row = v->codes + bh * v->code_stride + n * v->row_bytes;
+            if (!value) {
+                const float *s = scale + (n - first) * groups, *z = zero + (n - first) * groups;
                 v8 codes[MAX_CHUNKS];
-                unpack_row(row, bits, chunks, codes);
-                for (int64_t g = 0; g < groups; g++) {
-                    const int64_t last = (g + 1) * per_group < chunks ? (g + 1) * per_group : chunks;
-                    for (int64_t c = g * per_group; c < last; c++)
-                        store8(scaled[count] + c * LANES, codes[c] * scale[g]);
-                }
-                value = scaled[count];
+                unpack_row(v->codes + bh * v->code_stride + n * v->row_bytes, bits, chunks, codes);
+                for (int64_t g = 0, c = 0; g < groups; g++)  /* per group, as c / per_group is a division */
+                    for (const int64_t last_chunk = c + per_group < chunks ? c + per_group : chunks; c < last_chunk; c++)
+                        store8(rows_tile[count] + c * LANES, codes[c] * s[g] + z[g]);
+                value = rows_tile[count];
             }
             rows[count] = value;
             tokens[count++] = n;
         }
-        if (count == TILE || (count && n == end - 1)) {
-            for (int64_t r = 0; r < R; r++) {
-                v8 sums[MAX_CHUNKS];
-                for (int64_t c = 0; c < chunks; c++) sums[c] = load8(acc + r * D + c * LANES);
-                for (int64_t t = 0; t < count; t++) {
-                    const float weight = p[r * N + tokens[t]];
-                    for (int64_t c = 0; c < chunks; c++) sums[c] += weight * load8(rows[t] + c * LANES);
-                    for (int64_t g = 0; g < groups; g++) zacc[r * groups + g] += weight * zero[t][g];
-                }
-                for (int64_t c = 0; c < chunks; c++) store8(acc + r * D + c * LANES, sums[c]);
+        for (int64_t r = 0; r < R && count; r++) {
+            v8 sums[MAX_CHUNKS];
+            for (int64_t c = 0; c < chunks; c++) sums[c] = load8(acc + r * D + c * LANES);
+            for (int64_t t = 0; t < count; t++) {
+                const float weight = p[r * N + tokens[t]];
+                for (int64_t c = 0; c < chunks; c++) sums[c] += weight * load8(rows[t] + c * LANES);
             }
-            count = 0;
+            for (int64_t c = 0; c < chunks; c++) store8(acc + r * D + c * LANES, sums[c]);
         }
     }
+}
+
+/* The largest of x[0..n): eight running maxima, vectors compared and blended (the scalar loop is a chain of
+ * dependent max instructions, which the compiler does not vectorize where NaN is honoured). */
+static inline float max_of(const float *restrict x, int64_t n) {
+    v8 top = (v8){} - INFINITY;
+    int64_t i = 0;
+    for (; i + LANES <= n; i += LANES) {
+        const v8 next = load8(x + i);
+        const v8i larger = next > top;
+        top = (v8)(((v8i)next & larger) | ((v8i)top & ~larger));
+    }
+    float result = -INFINITY;
+    for (int64_t lane = 0; lane < LANES; lane++) result = top[lane] > result ? top[lane] : result;
+    for (; i < n; i++) result = x[i] > result ? x[i] : result;
+    return result;
 }
 
 /* The loops specialized by code width (32: plain rows, no codes) and, for the usual head sizes 64 and 128, by
@@ -405,10 +437,8 @@ int kv_decode_attention(int64_t BH, int64_t R, int64_t N, int64_t D, const float
     const stream_t v = {vcodes, vcode_stride, vrow_bytes, vbits, vgroup, vgroups, vscale, vzero, vparam_stride,
                         vhalf, vcal_scale, vcal_shift, vrecent, vrows, vring, vring_stride};
     const int64_t blocks = (N + BLOCK - 1) / BLOCK, items = BH * blocks, size = BH * R * D;
-    const int64_t zgroups = vbits == 32 ? 1 : vgroups;  /* zacc's groups per query row (plain values: unused) */
-    const int64_t zsize = BH * R * zgroups;
-    /* per thread: a dense copy of q times the softmax scale, qs and qz (keys), sums of p v and of p z (values) */
-    const int64_t work_size = 2 * R * D + R + size + zsize;
+    /* per thread: a dense copy of q times the softmax scale, qs and qz (keys), sums of p v (values) */
+    const int64_t work_size = 2 * R * D + R + size;
     float *scores = malloc(sizeof(float) * BH * R * N);
     float *work = calloc((size_t)threads * work_size, sizeof(float));
     if (!scores || !work) { free(scores); free(work); return 2; }
@@ -416,7 +446,7 @@ int kv_decode_attention(int64_t BH, int64_t R, int64_t N, int64_t D, const float
 #pragma omp parallel num_threads(threads)
     {
         float *q = work + (int64_t)thread_index() * work_size, *qs = q + R * D, *qz = qs + R * D;
-        float *acc = qz + R, *zacc = acc + size;
+        float *acc = qz + R;
         int64_t bh_loaded = -1;
 #pragma omp for schedule(static)
         for (int64_t item = 0; item < items; item++) {
@@ -434,8 +464,8 @@ int kv_decode_attention(int64_t BH, int64_t R, int64_t N, int64_t D, const float
         /* softmax of each (bh, r) row, in place */
 #pragma omp for schedule(static)
         for (int64_t line = 0; line < BH * R; line++) {
-            float *s = scores + line * N, top = -INFINITY, total = 0.f;
-            for (int64_t n = 0; n < N; n++) top = s[n] > top ? s[n] : top;
+            float *s = scores + line * N, total = 0.f;
+            const float top = max_of(s, N);
             for (int64_t n = 0; n < N; n++) { s[n] = allowed[n] ? exp_nonpositive(s[n] - top) : 0.f; total += s[n]; }
             const float inverse = 1.f / total;
             for (int64_t n = 0; n < N; n++) s[n] *= inverse;
@@ -446,19 +476,18 @@ int kv_decode_attention(int64_t BH, int64_t R, int64_t N, int64_t D, const float
             const int64_t end = start + BLOCK < N ? start + BLOCK : N;
             const int bits = vbits;
 #define VALUES(b, chunks) value_sums(&v, b, chunks, bh, start, end, R, N, D, scores + bh * R * N, allowed, \
-                                    acc + bh * R * D, zacc + bh * R * zgroups)
+                                    acc + bh * R * D)
             FOR_BITS(VALUES)
 #undef VALUES
         }
     }
-    /* the threads' sums, and each value group's sum of p z added to its channels */
+    /* the threads' sums */
     for (int64_t line = 0; line < BH * R; line++)
         for (int64_t d = 0; d < D; d++) {
             float total = 0.f;
             for (int t = 0; t < threads; t++) {
                 const float *partial = work + (int64_t)t * work_size + 2 * R * D + R;
                 total += partial[line * D + d];
-                if (vbits != 32) total += partial[size + line * zgroups + d / vgroup];
             }
             out[line * D + d] = total;
         }
