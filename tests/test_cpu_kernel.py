@@ -12,10 +12,13 @@ import pytest
 import torch
 
 from xqinfer.cache import kv_quant
+from xqinfer.cache.xquant import XQuantGQALayer
 from xqinfer.config import ModelConfig
 from xqinfer.engine import Engine
 from xqinfer.kernels import cpu
 from xqinfer.loader import random_model
+
+from gguf_files import need_smollm2
 
 pytestmark = pytest.mark.skipif(cpu.unavailable() is not None, reason=f"CPU kernel: {cpu.unavailable()}")
 
@@ -32,10 +35,11 @@ def llama():
     return random_model(ModelConfig.from_dict(LLAMA), torch.float32, "cpu", seed=5)
 
 
-def run_both_ways(model, spec: str, prompt: int, steps: int, batch: int = 1, capacity: int = 512) -> list[float]:
+def run_both_ways(model, spec: str, prompt: int, steps: int, batch: int = 1, capacity: int = 512,
+                  layer_class: type = kv_quant.KVQuantLayer) -> list[float]:
     """Largest |kernel - torch| of each decode-step attention output, relative to the output's scale."""
     engine = Engine(model, spec, capacity=capacity, batch_size=batch, cuda_graph=False)
-    attend = kv_quant.KVQuantLayer.attend
+    attend = layer_class.attend
     errors = []
 
     def both(layer, step, x, q, k, v):
@@ -51,21 +55,22 @@ def run_both_ways(model, spec: str, prompt: int, steps: int, batch: int = 1, cap
         del layer.parent.kernel_unusable  # back to the cached answer: the kernel
         out = attend(layer, step, x, q, k, v)
         assert layer.decode_path == "cpu"
-        # The kernel path's store (kernels.cpu.kivi_store) leaves the cache bit for bit as the torch path's write.
+        # The kernel path's store (kernels.cpu.kivi_store, or xquant's own write) leaves the cache bit for bit as
+        # the torch path's write.
         assert all(torch.equal(a, b) for a, b in zip(layer.tensors(), stored))
         errors.append(((out - reference).abs().max() / reference.abs().max()).item())
         return reference
 
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (prompt,), generator=generator).tolist()
-    kv_quant.KVQuantLayer.attend = both
+    layer_class.attend = both
     try:
         with torch.inference_mode():
             token = engine.prefill(ids).argmax(-1)
             for _ in range(steps):
                 token = engine.decode(token, int(token[0])).argmax(-1)
     finally:
-        kv_quant.KVQuantLayer.attend = attend
+        layer_class.attend = attend
     assert len(errors) == steps * model.config.num_layers
     return errors
 
@@ -124,6 +129,62 @@ def test_what_the_kernel_leaves_to_torch(llama, spec, reason):
     with torch.inference_mode():
         token = engine.prefill(list(range(40))).argmax(-1)
         engine.decode(token, int(token[0]))
+    assert engine.cache.decode_path() == "torch"
+
+
+@pytest.mark.parametrize("spec", [
+    "xquant:bits=4,group=32,residual=32",  # latents read from their codes and from the rings
+    "xquant:bits=2,group=16,residual=64", "xquant:bits=8,group=32,residual=0",
+    "xquant:bits=4,group=32,residual=32,eta=0.1",  # calibrated scales and zeros
+    "xquant:bits=4,group=24,residual=48",  # value groups of 24 channels: 24 * 4 = 96
+])
+def test_xquant_kernel_equals_the_torch_path(llama, spec):
+    errors = run_both_ways(llama, spec, prompt=150, steps=30, layer_class=XQuantGQALayer)
+    assert max(errors) < 1e-5, f"{spec}: worst relative error {max(errors):.3g}"
+
+
+def test_xquant_kernel_with_two_sequences_and_a_sliding_window():
+    model = random_model(ModelConfig.from_dict(MISTRAL), torch.float32, "cpu", seed=6)
+    spec = "xquant:bits=4,group=32,residual=32"
+    assert max(run_both_ways(model, spec, prompt=120, steps=40, capacity=400, layer_class=XQuantGQALayer)) < 1e-5
+    assert max(run_both_ways(model, spec, prompt=70, steps=10, batch=2, layer_class=XQuantGQALayer)) < 1e-5
+
+
+def test_xquant_kernel_on_smollm2():
+    """The real model (9 heads over 3 KV heads of 64, latents 192 wide): every layer of 12 decode steps after a
+    300-token prompt, both ways from the same state, and the greedy tokens the kernel path decodes on its own."""
+    from xqinfer.api import load
+
+    model = load(need_smollm2()).model
+    torch.set_num_threads(2)  # the single_thread fixture restores the count afterwards
+    errors = run_both_ways(model, "xquant:bits=4", prompt=300, steps=12, layer_class=XQuantGQALayer)
+    assert max(errors) < 1e-5
+
+    def greedy(spec: str) -> list[int]:
+        engine = Engine(model, spec, capacity=512, cuda_graph=False)
+        with torch.inference_mode():
+            token = engine.prefill(list(range(1000, 1300))).argmax(-1)
+            for _ in range(20):
+                token = engine.decode(token, int(token[0])).argmax(-1)
+        assert engine.cache.decode_path() == ("cpu" if spec == "xquant:bits=4" else "torch")
+        return engine.tokens[300:]
+
+    assert greedy("xquant:bits=4") == greedy("xquant:bits=4,fused=0")
+
+
+@pytest.mark.parametrize("spec, reason", [
+    ("xquant:bits=3", "the CPU kernel reads 1, 2, 4, 8-bit codes"),
+    ("xquant:bits=4,outlier=1", "outlier=1 keeps a full-precision key channel the kernel does not read"),
+    ("xquant:bits=4,fused=0", "the spec asks for the torch path (fused=0)"),
+    ("xquant:bits=4,absorb=0", "V absorption is off (absorb=0)"),
+    ("xquant:bits=4,group=20,residual=40", "the CPU kernel reads value groups of a multiple of 8 channels"),
+])
+def test_what_the_xquant_kernel_leaves_to_torch(llama, spec, reason):
+    engine = Engine(llama, spec, capacity=256, cuda_graph=False)
+    with torch.inference_mode():
+        token = engine.prefill(list(range(40))).argmax(-1)
+        engine.decode(token, int(token[0]))
+    assert engine.cache.kernel_unusable == reason
     assert engine.cache.decode_path() == "torch"
 
 

@@ -8,6 +8,8 @@ after, since V carries no RoPE; this removes the V rebuild.
 
 from __future__ import annotations
 
+from functools import cached_property
+
 import torch
 from torch import Tensor
 
@@ -15,7 +17,7 @@ from ..attention import attend_rebuilt, rebuild_keys
 from ..rope import apply_rotary
 from .base import Cache, CacheSpec, LayerCache, Option, Step, refuse, register
 from .stream import FULL_PRECISION, QuantStream, stored_bits
-from .xquant_decode import gqa_decode, gqa_fusable, mha_decode, mha_fusable
+from .xquant_decode import gqa_cpu_decode, gqa_cpu_unusable, gqa_decode, gqa_fusable, mha_decode, mha_fusable
 
 
 @register("xquant")
@@ -28,8 +30,8 @@ class XQuantCache(Cache):
         "outlier": Option(0, choices=(0, 1)),
         "absorb": Option(1, choices=(0, 1)),
         "eta": Option(0.0, minimum=0.0, maximum=0.5),
-        # The fused Triton decode kernel where it can run (CUDA, absorb=1; see kernels/xquant_decode.py); 0 keeps the
-        # torch path, to measure one against the other.
+        # The fused decode kernel where it can run (Triton on CUDA, C on a CPU, absorb=1; see cache/xquant_decode.py);
+        # 0 keeps the torch path, to measure one against the other.
         "fused": Option(1, choices=(0, 1)),
     }
 
@@ -52,6 +54,13 @@ class XQuantCache(Cache):
 
     def make_layer(self, index: int) -> LayerCache:
         return XQuantGQALayer(self, index) if self.config.is_gqa else XQuantMHALayer(self, index)
+
+    @cached_property
+    def kernel_unusable(self) -> str | None:
+        """Why decode steps keep the torch path instead of the CPU kernel (None: GQA layers take the kernel)."""
+        if not self.config.is_gqa:
+            return "the CPU kernel reads GQA latents; MHA layers (the cached X) keep the torch path"
+        return gqa_cpu_unusable(self, self.layers)
 
     @classmethod
     def layer_bits_per_element(cls, spec: CacheSpec, config, index: int, dtype: torch.dtype = torch.float16) -> float:
@@ -143,10 +152,11 @@ class XQuantGQALayer(LayerCache):
     def attend(self, step: Step, x: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         p, positions = self.projection, step.positions
         fused = gqa_fusable(self, q, step) is None
-        self.note_decode_path(step, "triton" if fused else "torch")
-        if fused:
+        on_cpu = not fused and positions.shape[0] == 1 and not step.concat and self.parent.kernel_unusable is None
+        self.note_decode_path(step, "triton" if fused else "cpu" if on_cpu else "torch")
+        if fused or on_cpu:
             self._write(x @ self.uk, x @ self.uv, positions, step.shared)
-            return gqa_decode(self, q, step)
+            return gqa_decode(self, q, step) if fused else gqa_cpu_decode(self, q, step)
         new_keys, new_values = x @ self.uk, x @ self.uv
         stored_keys, stored_values = step.read_around_write(
             lambda: self._write(new_keys, new_values, positions, step.shared), lambda: self._read(step)

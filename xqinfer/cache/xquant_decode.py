@@ -17,10 +17,15 @@ The kernels take tensors only: one `QuantizedHistory` per stream (slots [0, span
 views, and its residual ring as the `Override`, whose mask and rows are the `QuantStream.ring_reads` that `read`
 applies), the step's `stored_rope` and mask, and the projection's softmax scale. The value projection (Mv, or Wvᵀ
 for MHA) and its bias are applied per head afterwards, as `attention.attend_rebuilt` does.
+
+On a CPU, GQA decode steps take the C kernel instead (`gqa_cpu_unusable` / `gqa_cpu_decode`, kernels/cpu.py's
+`latent_decode_attention`): keys rebuilt a few tokens at a time in cache-sized tiles, values absorbed from their
+codes, nothing of the history written.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from ..attention import project_heads
@@ -28,14 +33,17 @@ from ..kernels import (
     KernelConfig,
     Override,
     QuantizedHistory,
+    cpu,
     fused_latent_attention,
     fused_supported,
     fused_x_attention,
 )
+from . import kv_decode
 from .base import Step
 from .stream import QuantStream
 
-__all__ = ["gqa_decode", "gqa_fusable", "mha_decode", "mha_fusable", "stream_inputs"]
+__all__ = ["gqa_cpu_decode", "gqa_cpu_unusable", "gqa_decode", "gqa_fusable", "mha_decode", "mha_fusable",
+           "stream_inputs"]
 
 
 def stream_inputs(stream: QuantStream, step: Step) -> QuantizedHistory:
@@ -109,3 +117,53 @@ def mha_decode(layer, q: Tensor, step: Step, config: KernelConfig | None = None)
     mixed = fused_x_attention(q, stream_inputs(layer.x, step), p.wk.T, *step.stored_rope, step.mask,
                               options["group"], eta=options["eta"], scale=p.scale, config=config)  # [B, H, d]
     return project_heads(mixed.unsqueeze(2), p.wv.T, p.bv, q.shape[1])
+
+
+def gqa_cpu_unusable(cache, layers) -> str | None:
+    """Why the decode steps of an `xquant` cache on a GQA model (its `layers`) keep the torch path on a CPU instead
+    of `gqa_cpu_decode` (None: they take the kernel). Configuration only: one answer for all steps and layers."""
+    options, config = cache.spec.options, cache.config
+    if not cache.host_steps:
+        return "the CPU kernel runs in CPU steps only"
+    if not options["fused"]:
+        return "the spec asks for the torch path (fused=0)"
+    if not options["absorb"] or config.num_heads > layers[0].mv.shape[1]:
+        return "V absorption is off (absorb=0)"
+    if options["outlier"]:
+        return "outlier=1 keeps a full-precision key channel the kernel does not read"
+    if any(layer.projection.bk is not None for layer in layers):
+        return "the key projection has a bias, which the kernel's key rebuild does not add"
+    if cache.dtype != torch.float32:
+        return "the CPU kernel rebuilds keys in float32 only"
+    streams = [stream for layer in layers for stream in (layer.key_latents, layer.value_latents)]
+    if any(stream.passthrough or stream.codes is None or stream.bits not in cpu.BITS for stream in streams):
+        return f"the CPU kernel reads {', '.join(map(str, cpu.BITS))}-bit codes"
+    width, head_dim = layers[0].mv.shape[0], config.head_dim
+    if width > cpu.MAX_DIM or width % cpu.LANES or head_dim % (2 * cpu.LANES) or config.kv_dim % cpu.REBUILD_PANEL:
+        return (f"the CPU kernel reads latents of a multiple of {cpu.LANES} up to {cpu.MAX_DIM} channels, heads of a "
+                f"multiple of {2 * cpu.LANES} and KV widths of a multiple of {cpu.REBUILD_PANEL}")
+    if layers[0].value_latents.group % cpu.LANES:
+        return f"the CPU kernel reads value groups of a multiple of {cpu.LANES} channels"
+    return cpu.unavailable()
+
+
+def _latent_arrays(stream: QuantStream, step: Step) -> cpu.StreamArrays:
+    """A latent stream ([B, capacity, C]) as the kernel reads it: one "KV head" per sequence."""
+    arrays = kv_decode.stream_arrays(stream, step)
+    for name in ("codes", "scale", "zero", "ring"):
+        tensor = getattr(arrays, name)
+        if tensor is not None:
+            setattr(arrays, name, tensor.unsqueeze(1))
+    return arrays
+
+
+def gqa_cpu_decode(layer, q: Tensor, step: Step) -> Tensor:
+    """Attention output [B, H, 1, D] of an `XQuantGQALayer` CPU decode step whose token is already written."""
+    p = layer.projection
+    batch, heads, _, head_dim = q.shape
+    keys, values = _latent_arrays(layer.key_latents, step), _latent_arrays(layer.value_latents, step)
+    cos, sin = step.stored_rope
+    mixed = cpu.latent_decode_attention(q.view(batch, heads, head_dim), keys, layer.mk, cos, sin, values,
+                                        kv_decode.allowed(step), p.scale)  # [B, H, C]
+    kv_heads = layer.mv.shape[1] // head_dim
+    return project_heads(mixed.view(batch, kv_heads, heads // kv_heads, -1), layer.mv, p.bv, heads)

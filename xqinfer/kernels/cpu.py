@@ -91,6 +91,13 @@ def _library() -> tuple[ctypes.CDLL | None, str | None]:
         + stream + [i64] + params + [ptr, ptr, ptr, i64]
         + [ptr, ptr, ctypes.c_int])
     library.kv_decode_attention.restype = ctypes.c_int
+    library.latent_decode_attention.argtypes = (
+        [i64, i64, i64, i64, i64, i64, ptr, ctypes.c_float]
+        + stream + params + [ptr, ptr, ptr, i64]
+        + [ptr, ptr, ptr]
+        + stream + [i64] + params + [ptr, ptr, ptr, i64]
+        + [ptr, ptr, ctypes.c_int])
+    library.latent_decode_attention.restype = ctypes.c_int
     library.plain_store.argtypes = [i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64]
     library.plain_store.restype = ctypes.c_int
     library.kivi_store.argtypes = [i64, i64, ptr, ptr, ptr, ptr, i64, i64, ptr, ctypes.c_int, i64, ptr, i64, ptr, ptr,
@@ -143,19 +150,48 @@ def kv_decode_attention(q: Tensor, keys: "StreamArrays", values: "StreamArrays",
     q = q.contiguous()
     out = torch.empty_like(q)
     args = [batch * kv_heads, rows, span, dim, q.data_ptr(), rows * dim, scale]
-    for stream in (keys, values):
-        size = stream.codes.element_size()  # the kernel steps through codes in bytes
-        args += [stream.codes.data_ptr(), _head_stride(stream.codes) * size, stream.codes.shape[-1] * size,
-                 stream.bits, stream.group]
-        if stream is values:
-            args.append(stream.scale.shape[-1] if stream.scale is not None else 1)
-        half = stream.scale is not None and stream.scale.dtype == torch.float16
-        args += [_pointer(stream.scale), _pointer(stream.zero), _head_stride(stream.scale), int(half),
-                 *stream.calibration, _pointer(stream.recent), _pointer(stream.rows), _pointer(stream.ring),
-                 _head_stride(stream.ring)]
+    args += _stream_args(keys) + _stream_args(values, per_token=True)
     status = library.kv_decode_attention(*args, allowed.data_ptr(), out.data_ptr(), torch.get_num_threads())
     if status:
         raise RuntimeError(f"kv_decode_attention failed ({status})")
+    return out
+
+
+def _stream_args(stream: "StreamArrays", per_token: bool = False) -> list:
+    """A stream's arguments as the kernels take them (`per_token`: with its groups per token, as values are)."""
+    size = stream.codes.element_size()  # the kernel steps through codes in bytes
+    args = [stream.codes.data_ptr(), _head_stride(stream.codes) * size, stream.codes.shape[-1] * size, stream.bits,
+            stream.group]
+    if per_token:
+        args.append(stream.scale.shape[-1] if stream.scale is not None else 1)
+    half = stream.scale is not None and stream.scale.dtype == torch.float16
+    return args + [_pointer(stream.scale), _pointer(stream.zero), _head_stride(stream.scale), int(half),
+                   *stream.calibration, _pointer(stream.recent), _pointer(stream.rows), _pointer(stream.ring),
+                   _head_stride(stream.ring)]
+
+
+REBUILD_PANEL = 64  # latent_decode_attention's REBUILD_PANEL on AVX-512 (32 elsewhere): KV widths are multiples of it
+
+
+def latent_decode_attention(q: Tensor, keys: "StreamArrays", mk: Tensor, cos: Tensor, sin: Tensor,
+                            values: "StreamArrays", allowed: Tensor, scale: float) -> Tensor:
+    """Attention of q [B, H, D] (float32, rotated) with softmax scale `scale` over one decode step of XQuant's GQA
+    latents: keys rebuilt as RoPE(L̂k·mk) (mk [C, Hkv·D], the slots' tables cos, sin [N, D]) from the key stream,
+    values absorbed: -> Σ_n p_n L̂v_n [B, H, C] float32, for the caller to project by Mv. The streams hold C-channel
+    rows of B sequences ([B, 1, >= N, bytes], one "head"); `allowed` [N] bool."""
+    library, reason = _library()
+    if library is None:
+        raise RuntimeError(reason)
+    batch, heads, dim = q.shape
+    channels, width = mk.shape
+    q, mk, cos, sin = (t.contiguous() for t in (q, mk, cos, sin))
+    out = q.new_empty(batch, heads, channels)
+    args = [batch, heads, width // dim, dim, channels, allowed.shape[0], q.data_ptr(), scale]
+    args += _stream_args(keys) + [mk.data_ptr(), cos.data_ptr(), sin.data_ptr()]
+    args += _stream_args(values, per_token=True)
+    status = library.latent_decode_attention(*args, allowed.data_ptr(), out.data_ptr(), torch.get_num_threads())
+    if status:
+        raise RuntimeError(f"latent_decode_attention failed ({status})")
     return out
 
 

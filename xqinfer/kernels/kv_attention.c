@@ -495,3 +495,190 @@ int kv_decode_attention(int64_t BH, int64_t R, int64_t N, int64_t D, const float
     free(work);
     return 0;
 }
+
+/* ---------------------------------------------------------------------------------------------------------------
+ * One decode step of attention over XQuant's GQA latents (cache/xquant.py's XQuantGQALayer), on a CPU: the keys are
+ * rebuilt from the per-channel quantized key latents REBUILD_ROWS tokens at a time, k_n = RoPE_n(L̂k_n · Mk), in L1,
+ * and dropped after their scores; the values are absorbed: the output is Σ_n p_n L̂v_n [C] per query head (the
+ * caller multiplies it by Mv), summed straight from the per-token value codes as value_sums sums a KV head's.
+ *
+ * Shapes (B sequences; H query heads over Hkv KV heads of D channels, R = H / Hkv; C latent channels; N = span):
+ *   q [B][H][D] float32, multiplied here by q_scale
+ *   keys: a stream of C-channel rows (codes [B][N][kbytes], scale, zero [B][N / kgroup][C], ring [B][kring][C])
+ *   mk [C][Hkv * D] float32; cos, sin [N][D] float32: the RoPE tables of each slot's position
+ *   values: a stream of C-channel rows quantized per token (scale, zero [B][N][vgroups])
+ *   allowed [N]; out [B][H][C] float32
+ * Hkv * D must be a multiple of REBUILD_PANEL and D of 2 * LANES (the rotate-half pairs a vector with a vector).
+ */
+#if defined(__AVX512F__)
+typedef float vwide __attribute__((vector_size(64)));  /* the rebuild's vectors: the widest the CPU has */
+#else
+typedef float vwide __attribute__((vector_size(32)));
+#endif
+#define WIDE ((int64_t)(sizeof(vwide) / sizeof(float)))
+#define REBUILD_ROWS 6  /* tokens whose keys are rebuilt together: one load of Mk serves six */
+#define PANEL_VECTORS 4  /* output vectors per token and pass: 6 x 4 accumulators in registers */
+#define REBUILD_PANEL (PANEL_VECTORS * WIDE)
+
+static inline vwide loadw(const float *p) { vwide x; memcpy(&x, p, sizeof x); return x; }
+static inline void storew(float *p, vwide x) { memcpy(p, &x, sizeof x); }
+
+/* keys[t][j] = Σ_c rows[t][c] mk[c][j] for REBUILD_ROWS rows (C channels; j < width). */
+static void rebuild_keys(const float *const *rows, const float *restrict mk, int64_t C, int64_t width,
+                         float *restrict keys) {
+    for (int64_t j = 0; j < width; j += REBUILD_PANEL) {
+        vwide acc[REBUILD_ROWS][PANEL_VECTORS] = {};
+        for (int64_t c = 0; c < C; c++) {
+            vwide m[PANEL_VECTORS];
+            for (int64_t i = 0; i < PANEL_VECTORS; i++) m[i] = loadw(mk + c * width + j + i * WIDE);
+            for (int64_t t = 0; t < REBUILD_ROWS; t++) {
+                const float l = rows[t][c];
+                for (int64_t i = 0; i < PANEL_VECTORS; i++) acc[t][i] += l * m[i];
+            }
+        }
+        for (int64_t t = 0; t < REBUILD_ROWS; t++)
+            for (int64_t i = 0; i < PANEL_VECTORS; i++) storew(keys + t * width + j + i * WIDE, acc[t][i]);
+    }
+}
+
+/* scores[h * N + n] for tokens [start, end) of sequence b: q_h . RoPE_n(L̂k_n Mk) over the KV head of h. */
+static inline __attribute__((always_inline)) void latent_scores(const stream_t *restrict k, int bits, int64_t chunks,
+        int64_t b, int64_t start, int64_t end, int64_t H, int64_t Hkv, int64_t D, int64_t C, int64_t N,
+        const float *restrict q, const float *restrict mk, const float *restrict cos, const float *restrict sin,
+        const uint8_t *restrict allowed, float *restrict latents, float *restrict keys, float *restrict scores) {
+    const int64_t R = H / Hkv, width = Hkv * D, half = D / 2;
+    float scale[MAX_DIM], zero[MAX_DIM], rotated[MAX_DIM];
+    int64_t group_end = start;  /* the first token past the group whose scale and zero are loaded */
+    for (int64_t first = start; first < end; first += REBUILD_ROWS) {
+        const int64_t last = first + REBUILD_ROWS < end ? first + REBUILD_ROWS : end;
+        const float *rows[REBUILD_ROWS];
+        int64_t tokens[REBUILD_ROWS], count = 0;
+        for (int64_t n = first; n < last; n++) {
+            if (!allowed[n]) {
+                for (int64_t h = 0; h < H; h++) scores[h * N + n] = -INFINITY;
+                continue;
+            }
+            const float *row = exact_row(k, b, n, C);
+            if (!row) {
+                if (n >= group_end) {
+                    const int64_t group = n / k->group;
+                    load_params(k, b * k->param_stride + group * C, C, scale, zero);
+                    group_end = (group + 1) * k->group;
+                }
+                v8 codes[MAX_CHUNKS];
+                unpack_row(k->codes + b * k->code_stride + n * k->row_bytes, bits, chunks, codes);
+                float *dequantized = latents + count * C;
+                for (int64_t c = 0; c < chunks; c++)
+                    store8(dequantized + c * LANES, codes[c] * load8(scale + c * LANES) + load8(zero + c * LANES));
+                row = dequantized;
+            }
+            rows[count] = row;
+            tokens[count++] = n;
+        }
+        if (!count) continue;
+        for (int64_t t = count; t < REBUILD_ROWS; t++) rows[t] = rows[0];  /* padding, rebuilt and unused */
+        rebuild_keys(rows, mk, C, width, keys);
+        for (int64_t t = 0; t < count; t++) {
+            const int64_t n = tokens[t];
+            const float *c_n = cos + n * D, *s_n = sin + n * D;
+            for (int64_t kh = 0; kh < Hkv; kh++) {
+                const float *key = keys + t * width + kh * D;
+                for (int64_t i = 0; i < half; i += LANES) {  /* rotate-half: (k1 c - k2 s, k2 c + k1 s) */
+                    const v8 k1 = load8(key + i), k2 = load8(key + half + i);
+                    store8(rotated + i, k1 * load8(c_n + i) - k2 * load8(s_n + i));
+                    store8(rotated + half + i, k2 * load8(c_n + half + i) + k1 * load8(s_n + half + i));
+                }
+                for (int64_t r = 0; r < R; r++) {
+                    const float *qr = q + (kh * R + r) * D;
+                    v8 acc = {};
+                    for (int64_t c = 0; c < D; c += LANES) acc += load8(qr + c) * load8(rotated + c);
+                    scores[(kh * R + r) * N + n] = sum8(acc);
+                }
+            }
+        }
+    }
+}
+
+int latent_decode_attention(int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t C, int64_t N, const float *query,
+                            float q_scale,
+                            const uint8_t *kcodes, int64_t kcode_stride, int64_t krow_bytes, int kbits,
+                            int64_t kgroup, const void *kscale, const void *kzero, int64_t kparam_stride, int khalf,
+                            float kcal_scale, float kcal_shift, const uint8_t *krecent, const int64_t *krows,
+                            const float *kring, int64_t kring_stride,
+                            const float *mk, const float *cos, const float *sin,
+                            const uint8_t *vcodes, int64_t vcode_stride, int64_t vrow_bytes, int vbits,
+                            int64_t vgroup, int64_t vgroups, const void *vscale, const void *vzero,
+                            int64_t vparam_stride, int vhalf, float vcal_scale, float vcal_shift,
+                            const uint8_t *vrecent, const int64_t *vrows, const float *vring, int64_t vring_stride,
+                            const uint8_t *allowed, float *out, int threads) {
+    if (C > MAX_DIM || C % LANES || D > MAX_DIM || D % (2 * LANES) || H % Hkv || (Hkv * D) % REBUILD_PANEL
+        || N < 1 || vgroup % LANES || vgroups > MAX_CHUNKS)
+        return 1;
+    if (kbits != 1 && kbits != 2 && kbits != 4 && kbits != 8) return 1;
+    if (vbits != 1 && vbits != 2 && vbits != 4 && vbits != 8) return 1;
+    const stream_t k = {kcodes, kcode_stride, krow_bytes, kbits, kgroup, 0, kscale, kzero, kparam_stride, khalf,
+                        kcal_scale, kcal_shift, krecent, krows, kring, kring_stride};
+    const stream_t v = {vcodes, vcode_stride, vrow_bytes, vbits, vgroup, vgroups, vscale, vzero, vparam_stride,
+                        vhalf, vcal_scale, vcal_shift, vrecent, vrows, vring, vring_stride};
+    const int64_t blocks = (N + BLOCK - 1) / BLOCK, items = B * blocks, size = B * H * C, chunks = C / LANES;
+    /* per thread: q times the softmax scale, the latents and keys of one tile, sums of p v */
+    const int64_t work_size = H * D + REBUILD_ROWS * C + REBUILD_ROWS * Hkv * D + size;
+    float *scores = malloc(sizeof(float) * B * H * N);
+    float *work = calloc((size_t)threads * work_size, sizeof(float));
+    if (!scores || !work) { free(scores); free(work); return 2; }
+
+#pragma omp parallel num_threads(threads)
+    {
+        float *q = work + (int64_t)thread_index() * work_size, *latents = q + H * D;
+        float *keys = latents + REBUILD_ROWS * C, *acc = keys + REBUILD_ROWS * Hkv * D;
+        int64_t b_loaded = -1;
+#pragma omp for schedule(static)
+        for (int64_t item = 0; item < items; item++) {
+            const int64_t b = item / blocks, start = (item % blocks) * BLOCK;
+            const int64_t end = start + BLOCK < N ? start + BLOCK : N;
+            if (b != b_loaded) {
+                for (int64_t i = 0; i < H * D; i++) q[i] = query[b * H * D + i] * q_scale;
+                b_loaded = b;
+            }
+#define SCORES(bits) latent_scores(&k, bits, chunks, b, start, end, H, Hkv, D, C, N, q, mk, cos, sin, allowed, \
+                                   latents, keys, scores + b * H * N)
+            switch (kbits) {
+            case 1: SCORES(1); break;
+            case 2: SCORES(2); break;
+            case 4: SCORES(4); break;
+            default: SCORES(8);
+            }
+#undef SCORES
+        }
+#pragma omp for schedule(static)
+        for (int64_t line = 0; line < B * H; line++) {
+            float *s = scores + line * N, total = 0.f;
+            const float top = max_of(s, N);
+            for (int64_t n = 0; n < N; n++) { s[n] = allowed[n] ? exp_nonpositive(s[n] - top) : 0.f; total += s[n]; }
+            const float inverse = 1.f / total;
+            for (int64_t n = 0; n < N; n++) s[n] *= inverse;
+        }
+#pragma omp for schedule(static)
+        for (int64_t item = 0; item < items; item++) {
+            const int64_t b = item / blocks, start = (item % blocks) * BLOCK;
+            const int64_t end = start + BLOCK < N ? start + BLOCK : N;
+#define VALUES(bits) value_sums(&v, bits, chunks, b, start, end, H, N, C, scores + b * H * N, allowed, acc + b * H * C)
+            switch (vbits) {
+            case 1: VALUES(1); break;
+            case 2: VALUES(2); break;
+            case 4: VALUES(4); break;
+            default: VALUES(8);
+            }
+#undef VALUES
+        }
+    }
+    for (int64_t i = 0; i < size; i++) {
+        float total = 0.f;
+        for (int t = 0; t < threads; t++) total += work[(int64_t)t * work_size + H * D + REBUILD_ROWS * C
+                                                        + REBUILD_ROWS * Hkv * D + i];
+        out[i] = total;
+    }
+    free(scores);
+    free(work);
+    return 0;
+}
