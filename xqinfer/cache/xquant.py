@@ -17,7 +17,15 @@ from ..attention import attend_rebuilt, rebuild_keys
 from ..rope import apply_rotary
 from .base import Cache, CacheSpec, LayerCache, Option, Step, refuse, register
 from .stream import FULL_PRECISION, QuantStream, stored_bits
-from .xquant_decode import gqa_cpu_decode, gqa_cpu_unusable, gqa_decode, gqa_fusable, mha_decode, mha_fusable
+from .xquant_decode import (
+    gqa_cpu_decode,
+    gqa_cpu_store,
+    gqa_cpu_unusable,
+    gqa_decode,
+    gqa_fusable,
+    mha_decode,
+    mha_fusable,
+)
 
 
 @register("xquant")
@@ -154,9 +162,12 @@ class XQuantGQALayer(LayerCache):
         fused = gqa_fusable(self, q, step) is None
         on_cpu = not fused and positions.shape[0] == 1 and not step.concat and self.parent.kernel_unusable is None
         self.note_decode_path(step, "triton" if fused else "cpu" if on_cpu else "torch")
-        if fused or on_cpu:
+        if fused:
             self._write(x @ self.uk, x @ self.uv, positions, step.shared)
-            return gqa_decode(self, q, step) if fused else gqa_cpu_decode(self, q, step)
+            return gqa_decode(self, q, step)
+        if on_cpu:
+            gqa_cpu_store(self, x @ self.uk, x @ self.uv, step)
+            return gqa_cpu_decode(self, q, step)
         new_keys, new_values = x @ self.uk, x @ self.uv
         stored_keys, stored_values = step.read_around_write(
             lambda: self._write(new_keys, new_values, positions, step.shared), lambda: self._read(step)

@@ -39,11 +39,11 @@ from ..kernels import (
     fused_x_attention,
 )
 from . import kv_decode
-from .base import Step
+from .base import FIRST_POSITION, Step
 from .stream import QuantStream
 
-__all__ = ["gqa_cpu_decode", "gqa_cpu_unusable", "gqa_decode", "gqa_fusable", "mha_decode", "mha_fusable",
-           "stream_inputs"]
+__all__ = ["gqa_cpu_decode", "gqa_cpu_store", "gqa_cpu_unusable", "gqa_decode", "gqa_fusable", "mha_decode",
+           "mha_fusable", "stream_inputs"]
 
 
 def stream_inputs(stream: QuantStream, step: Step) -> QuantizedHistory:
@@ -142,6 +142,8 @@ def gqa_cpu_unusable(cache, layers) -> str | None:
     if width > cpu.MAX_DIM or width % cpu.LANES or head_dim % (2 * cpu.LANES) or config.kv_dim % cpu.REBUILD_PANEL:
         return (f"the CPU kernel reads latents of a multiple of {cpu.LANES} up to {cpu.MAX_DIM} channels, heads of a "
                 f"multiple of {2 * cpu.LANES} and KV widths of a multiple of {cpu.REBUILD_PANEL}")
+    if any(layer.value_latents.scale.dtype != torch.float16 for layer in layers):
+        return "the CPU kernel stores float16 scales and zeros"
     if layers[0].value_latents.group % cpu.LANES:
         return f"the CPU kernel reads value groups of a multiple of {cpu.LANES} channels"
     return cpu.unavailable()
@@ -155,6 +157,23 @@ def _latent_arrays(stream: QuantStream, step: Step) -> cpu.StreamArrays:
         if tensor is not None:
             setattr(arrays, name, tensor.unsqueeze(1))
     return arrays
+
+
+def gqa_cpu_store(layer, key_latent: Tensor, value_latent: Tensor, step: Step) -> None:
+    """Stores a CPU decode step's one token, its latents [B, 1, C] float32, as `XQuantGQALayer._write` does: both
+    rings and the value latent's codes in one call (`kernels.cpu.kivi_store`, keys unrotated), then the key group
+    in torch when the token closes it."""
+    keys, values = layer.key_latents, layer.value_latents
+    position = step.shared[FIRST_POSITION]
+
+    def head(t: Tensor | None) -> Tensor | None:  # [B, rows, C] -> [B, 1, rows, C]: one "KV head"
+        return None if t is None else t.unsqueeze(1)
+
+    ring = values.ring if values.ring_size else None
+    cpu.kivi_store(head(key_latent), head(value_latent), None, None, head(keys.ring), position % keys.ring_size,
+                   head(values.codes), head(values.scale), head(values.zero), position % values.capacity,
+                   values.bits, values.group, head(ring), position % values.ring_size if ring is not None else 0)
+    keys.store_closing_group(step.positions, step.shared)
 
 
 def gqa_cpu_decode(layer, q: Tensor, step: Step) -> Tensor:

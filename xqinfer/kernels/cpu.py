@@ -209,22 +209,23 @@ def plain_store(keys: Tensor, values: Tensor, k: Tensor, v: Tensor, cos: Tensor,
         raise RuntimeError(f"plain_store failed ({status})")
 
 
-def kivi_store(k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, key_ring: Tensor, key_row: int, codes: Tensor | None,
-               scale: Tensor, zero: Tensor, slot: int, bits: int, group: int, value_ring: Tensor | None,
-               value_row: int) -> None:
-    """What a KIVI-layout cache stores of one decode token, k, v [B, Hkv, 1, D] float32: RoPE(k) (cos, sin [1, D])
-    into row `key_row` of the key ring [B, Hkv, ring, D]; v quantized per token (`bits`, groups of `group` channels,
-    as `quant.Layout.quantize`) into `slot` of codes [B, Hkv, capacity, bytes] (None: the layer shares another's)
-    and of the float16 scale and zero [B, Hkv, capacity, groups]; v into row `value_row` of the value ring (None:
-    there is none). Every buffer dense."""
+def kivi_store(k: Tensor, v: Tensor, cos: Tensor | None, sin: Tensor | None, key_ring: Tensor, key_row: int,
+               codes: Tensor | None, scale: Tensor, zero: Tensor, slot: int, bits: int, group: int,
+               value_ring: Tensor | None, value_row: int) -> None:
+    """What a KIVI-layout cache stores of one decode token, k, v [B, Hkv, 1, D] float32: RoPE(k) (cos, sin [1, D];
+    None: k as it is) into row `key_row` of the key ring [B, Hkv, ring, D]; v quantized per token (`bits`, groups of
+    `group` channels, as `quant.Layout.quantize`) into `slot` of codes [B, Hkv, capacity, bytes] (None: the layer
+    shares another's) and of the float16 scale and zero [B, Hkv, capacity, groups]; v into row `value_row` of the
+    value ring (None: there is none). Every buffer dense."""
     batch, kv_heads, _, dim = k.shape
     buffers = [t for t in (key_ring, codes, scale, zero, value_ring) if t is not None]
     if not all(t.is_contiguous() for t in buffers) or scale.dtype != torch.float16 or k.dtype != torch.float32:
         raise ValueError("kivi_store writes dense buffers: float32 rows, float16 scales and zeros")
     k, v = k.contiguous(), v.contiguous()
-    cos, sin = cos.to(torch.float32).contiguous(), sin.to(torch.float32).contiguous()
+    if cos is not None:
+        cos, sin = cos.to(torch.float32).contiguous(), sin.to(torch.float32).contiguous()
     status = _library()[0].kivi_store(
-        batch * kv_heads, dim, k.data_ptr(), cos.data_ptr(), sin.data_ptr(), key_ring.data_ptr(),
+        batch * kv_heads, dim, k.data_ptr(), _pointer(cos), _pointer(sin), key_ring.data_ptr(),
         _head_stride(key_ring), key_row, v.data_ptr(), bits, group, _pointer(codes), _head_stride(codes),
         scale.data_ptr(), zero.data_ptr(), _head_stride(scale), slot, _pointer(value_ring), _head_stride(value_ring),
         value_row)

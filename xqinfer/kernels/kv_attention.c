@@ -399,7 +399,7 @@ static void quantize_token(const float *restrict y, int64_t D, int bits, int64_t
 }
 
 /* What a KIVI-layout cache writes for one decode token of every head [BH]: the key k [BH][D], rotated by the
- * step's cos, sin [D], into row krow of the key ring (per-channel keys wait there for their group to close); the
+ * step's cos, sin [D] (cos NULL: as it is, XQuant's key latents), into row krow of the key ring (per-channel keys wait there for their group to close); the
  * value v [BH][D] quantized per token (quantize_token) into slot vslot of codes [BH][..][D * vbits / 8] (byte
  * stride vcode_stride between heads) and of scale, zero [BH][..][groups] float16, and copied into row vrow of the
  * value ring (vring NULL: none). */
@@ -410,7 +410,8 @@ int kivi_store(int64_t BH, int64_t D, const float *k, const float *cos, const fl
     if (D % 2 || D > MAX_DIM || (vbits != 1 && vbits != 2 && vbits != 4 && vbits != 8) || (D * vbits) % 8) return 1;
     const int64_t groups = (D + vgroup - 1) / vgroup, row_bytes = D * vbits / 8;
     for (int64_t bh = 0; bh < BH; bh++) {
-        rotate_half(0, k + bh * D, cos, sin, D, kring, bh * kring_stride + krow * D);
+        if (cos) rotate_half(0, k + bh * D, cos, sin, D, kring, bh * kring_stride + krow * D);
+        else memcpy(kring + bh * kring_stride + krow * D, k + bh * D, sizeof(float) * D);
         const float *value = v + bh * D;
         quantize_token(value, D, vbits, vgroup, vcodes ? vcodes + bh * vcode_stride + vslot * row_bytes : NULL,
                        vscale + bh * vparam_stride + vslot * groups, vzero + bh * vparam_stride + vslot * groups);
