@@ -278,9 +278,10 @@ static inline __attribute__((always_inline)) void value_sums(const stream_t *res
                 const float *s = scale + (n - first) * groups, *z = zero + (n - first) * groups;
                 v8 codes[MAX_CHUNKS];
                 unpack_row(v->codes + bh * v->code_stride + n * v->row_bytes, bits, chunks, codes);
-                for (int64_t g = 0, c = 0; g < groups; g++)  /* per group, as c / per_group is a division */
-                    for (const int64_t last_chunk = c + per_group < chunks ? c + per_group : chunks; c < last_chunk; c++)
-                        store8(rows_tile[count] + c * LANES, codes[c] * s[g] + z[g]);
+                for (int64_t g = 0, c = 0; g < groups; g++) {  /* per group, as c / per_group is a division */
+                    const int64_t last_chunk = c + per_group < chunks ? c + per_group : chunks;
+                    for (; c < last_chunk; c++) store8(rows_tile[count] + c * LANES, codes[c] * s[g] + z[g]);
+                }
                 value = rows_tile[count];
             }
             rows[count] = value;
@@ -312,6 +313,28 @@ static inline float max_of(const float *restrict x, int64_t n) {
     for (int64_t lane = 0; lane < LANES; lane++) result = top[lane] > result ? top[lane] : result;
     for (; i < n; i++) result = x[i] > result ? x[i] : result;
     return result;
+}
+
+/* The softmax of each of `lines` rows of N scores, in place (slots not allowed get 0). Called by every thread of a
+ * parallel region: the rows are shared among them. */
+static void softmax_rows(float *scores, int64_t lines, int64_t N, const uint8_t *allowed) {
+#pragma omp for schedule(static)
+    for (int64_t line = 0; line < lines; line++) {
+        float *s = scores + line * N, total = 0.f;
+        const float top = max_of(s, N);
+        for (int64_t n = 0; n < N; n++) { s[n] = allowed[n] ? exp_nonpositive(s[n] - top) : 0.f; total += s[n]; }
+        const float inverse = 1.f / total;
+        for (int64_t n = 0; n < N; n++) s[n] *= inverse;
+    }
+}
+
+/* out[i] = the sum over threads of partial[t * stride + i], i < size: each thread's accumulators added up. */
+static void sum_partials(const float *partial, int64_t stride, int threads, int64_t size, float *out) {
+    for (int64_t i = 0; i < size; i++) {
+        float total = 0.f;
+        for (int t = 0; t < threads; t++) total += partial[(int64_t)t * stride + i];
+        out[i] = total;
+    }
 }
 
 /* The loops specialized by code width (32: plain rows, no codes) and, for the usual head sizes 64 and 128, by
@@ -399,10 +422,10 @@ static void quantize_token(const float *restrict y, int64_t D, int bits, int64_t
 }
 
 /* What a KIVI-layout cache writes for one decode token of every head [BH]: the key k [BH][D], rotated by the
- * step's cos, sin [D] (cos NULL: as it is, XQuant's key latents), into row krow of the key ring (per-channel keys wait there for their group to close); the
- * value v [BH][D] quantized per token (quantize_token) into slot vslot of codes [BH][..][D * vbits / 8] (byte
- * stride vcode_stride between heads) and of scale, zero [BH][..][groups] float16, and copied into row vrow of the
- * value ring (vring NULL: none). */
+ * step's cos, sin [D] (cos NULL: as it is, XQuant's key latents), into row krow of the key ring (per-channel keys
+ * wait there for their group to close); the value v [BH][D] quantized per token (quantize_token) into slot vslot
+ * of codes [BH][..][D * vbits / 8] (byte stride vcode_stride between heads) and of scale, zero [BH][..][groups]
+ * float16, and copied into row vrow of the value ring (vring NULL: none). */
 int kivi_store(int64_t BH, int64_t D, const float *k, const float *cos, const float *sin, float *kring,
                int64_t kring_stride, int64_t krow, const float *v, int vbits, int64_t vgroup, uint8_t *vcodes,
                int64_t vcode_stride, uint16_t *vscale, uint16_t *vzero, int64_t vparam_stride, int64_t vslot,
@@ -462,15 +485,7 @@ int kv_decode_attention(int64_t BH, int64_t R, int64_t N, int64_t D, const float
             FOR_BITS(KEYS)
 #undef KEYS
         }
-        /* softmax of each (bh, r) row, in place */
-#pragma omp for schedule(static)
-        for (int64_t line = 0; line < BH * R; line++) {
-            float *s = scores + line * N, total = 0.f;
-            const float top = max_of(s, N);
-            for (int64_t n = 0; n < N; n++) { s[n] = allowed[n] ? exp_nonpositive(s[n] - top) : 0.f; total += s[n]; }
-            const float inverse = 1.f / total;
-            for (int64_t n = 0; n < N; n++) s[n] *= inverse;
-        }
+        softmax_rows(scores, BH * R, N, allowed);
 #pragma omp for schedule(static)
         for (int64_t item = 0; item < items; item++) {
             const int64_t bh = item / blocks, start = (item % blocks) * BLOCK;
@@ -482,16 +497,7 @@ int kv_decode_attention(int64_t BH, int64_t R, int64_t N, int64_t D, const float
 #undef VALUES
         }
     }
-    /* the threads' sums */
-    for (int64_t line = 0; line < BH * R; line++)
-        for (int64_t d = 0; d < D; d++) {
-            float total = 0.f;
-            for (int t = 0; t < threads; t++) {
-                const float *partial = work + (int64_t)t * work_size + 2 * R * D + R;
-                total += partial[line * D + d];
-            }
-            out[line * D + d] = total;
-        }
+    sum_partials(work + 2 * R * D + R, work_size, threads, size, out);
     free(scores);
     free(work);
     return 0;
@@ -623,7 +629,7 @@ int latent_decode_attention(int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_
                         vhalf, vcal_scale, vcal_shift, vrecent, vrows, vring, vring_stride};
     const int64_t blocks = (N + BLOCK - 1) / BLOCK, items = B * blocks, size = B * H * C, chunks = C / LANES;
     /* per thread: q times the softmax scale, the latents and keys of one tile, sums of p v */
-    const int64_t work_size = H * D + REBUILD_ROWS * C + REBUILD_ROWS * Hkv * D + size;
+    const int64_t acc_offset = H * D + REBUILD_ROWS * C + REBUILD_ROWS * Hkv * D, work_size = acc_offset + size;
     float *scores = malloc(sizeof(float) * B * H * N);
     float *work = calloc((size_t)threads * work_size, sizeof(float));
     if (!scores || !work) { free(scores); free(work); return 2; }
@@ -651,14 +657,7 @@ int latent_decode_attention(int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_
             }
 #undef SCORES
         }
-#pragma omp for schedule(static)
-        for (int64_t line = 0; line < B * H; line++) {
-            float *s = scores + line * N, total = 0.f;
-            const float top = max_of(s, N);
-            for (int64_t n = 0; n < N; n++) { s[n] = allowed[n] ? exp_nonpositive(s[n] - top) : 0.f; total += s[n]; }
-            const float inverse = 1.f / total;
-            for (int64_t n = 0; n < N; n++) s[n] *= inverse;
-        }
+        softmax_rows(scores, B * H, N, allowed);
 #pragma omp for schedule(static)
         for (int64_t item = 0; item < items; item++) {
             const int64_t b = item / blocks, start = (item % blocks) * BLOCK;
@@ -673,12 +672,7 @@ int latent_decode_attention(int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_
 #undef VALUES
         }
     }
-    for (int64_t i = 0; i < size; i++) {
-        float total = 0.f;
-        for (int t = 0; t < threads; t++) total += work[(int64_t)t * work_size + H * D + REBUILD_ROWS * C
-                                                        + REBUILD_ROWS * Hkv * D + i];
-        out[i] = total;
-    }
+    sum_partials(work + acc_offset, work_size, threads, size, out);
     free(scores);
     free(work);
     return 0;
