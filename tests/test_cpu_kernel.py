@@ -55,7 +55,7 @@ def run_both_ways(model, spec: str, prompt: int, steps: int, batch: int = 1, cap
         del layer.parent.kernel_unusable  # back to the cached answer: the kernel
         out = attend(layer, step, x, q, k, v)
         assert layer.decode_path == "cpu"
-        # The kernel path's store (kernels.cpu.kivi_store, or xquant's own write) leaves the cache bit for bit as
+        # The kernel path's store (kernels.cpu.KiviStore, or xquant's own write) leaves the cache bit for bit as
         # the torch path's write.
         assert all(torch.equal(a, b) for a, b in zip(layer.tensors(), stored))
         errors.append(((out - reference).abs().max() / reference.abs().max()).item())
@@ -240,7 +240,7 @@ def test_kivi_store_quantizes_as_quant_does(bits, group):
     scale = torch.zeros(1, heads, capacity, groups, dtype=torch.float16)
     zero = torch.zeros_like(scale)
     key_ring, value_ring = torch.zeros(1, heads, ring, dim), torch.zeros(1, heads, ring, dim)
-    cpu.kivi_store(k, v, angle.cos(), angle.sin(), key_ring, 1, codes, scale, zero, 5, bits, group, value_ring, 2)
+    cpu.KiviStore(key_ring, codes, scale, zero, bits, group, value_ring)(k, v, angle.cos(), angle.sin(), 1, 5, 2)
     assert torch.equal(codes[:, :, 5:6], expected.codes)
     # .view(int16): equal bit patterns, the sign of a zero included
     assert torch.equal(scale[:, :, 5:6].view(torch.int16), expected.scale.view(torch.int16))
@@ -249,3 +249,36 @@ def test_kivi_store_quantizes_as_quant_does(bits, group):
     assert torch.equal(value_ring[:, :, 2:3], v)
     untouched = [s for s in range(capacity) if s != 5]
     assert not codes[:, :, untouched].any() and not scale[:, :, untouched].any()
+
+
+@pytest.mark.parametrize("bits", cpu.BITS)
+@pytest.mark.parametrize("shared", [False, True])  # True: XQuant-KV's layer that reads another's codes
+def test_store_key_group_quantizes_as_quant_does(bits, shared):
+    from xqinfer import quant
+
+    group, dim, ring_size, capacity = 32, 64, 64, 96
+    columns = _hard_rows(group)[0, :, 0]  # [6, group]: every kind of hard channel, each over the group's tokens
+    rows = columns[torch.arange(dim) % 6].T.reshape(1, 1, group, dim).expand(2, 3, group, dim).clone()
+    rows[1] *= -3  # another sequence, another range
+    expected = quant.Layout(bits, group, "channel").quantize(rows)
+    ring = torch.zeros(2, 3, ring_size, dim)
+    ring[:, :, group:] = rows  # the group's rows: the second half of the ring
+    codes = torch.zeros(2, 3, capacity, expected.codes.shape[-1], dtype=torch.uint8)
+    scale = torch.zeros(2, 3, capacity // group, dim, dtype=torch.float16)
+    zero = torch.zeros_like(scale)
+    cpu.store_key_group(ring[:, :, group:], bits, None if shared else codes[:, :, 64:96], scale[:, :, 1:2],
+                        zero[:, :, 1:2])
+    assert torch.equal(scale[:, :, 1:2].view(torch.int16), expected.scale.view(torch.int16))
+    assert torch.equal(zero[:, :, 1:2].view(torch.int16), expected.zero.view(torch.int16))
+    assert not scale[:, :, [0, 2]].any() and not zero[:, :, [0, 2]].any()
+    if shared:
+        assert not codes.any()
+    else:
+        assert torch.equal(codes[:, :, 64:96], expected.codes) and not codes[:, :, :64].any()
+
+
+def test_kernel_in_bfloat16():
+    # bfloat16 rings reach the kernel as a float32 copy made at every step (the buffers it was built on are not)
+    model = random_model(ModelConfig.from_dict(LLAMA), torch.bfloat16, "cpu", seed=5)
+    errors = run_both_ways(model, "kivi:bits=2,residual=32", prompt=70, steps=40)
+    assert max(errors) < 1e-2

@@ -105,7 +105,7 @@ def test_plain_store_equals_rotary_and_a_copy():
     expected_keys, expected_values = keys.clone(), values.clone()
     expected_keys[:, :, 7:8] = apply_rotary(k, angle.cos(), angle.sin())
     expected_values[:, :, 7:8] = v
-    cpu.plain_store(keys, values, k, v, angle.cos(), angle.sin(), 7)
+    cpu.PlainStore(keys, values)(k, v, angle.cos(), angle.sin(), 7)
     assert torch.equal(keys, expected_keys) and torch.equal(values, expected_values)
 
 

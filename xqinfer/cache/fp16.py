@@ -10,8 +10,7 @@ from torch import Tensor
 
 from ..attention import attend
 from ..config import dtype_name
-from ..kernels import cpu
-from ..kernels.cpu import PLAIN, StreamArrays
+from ..kernels.cpu import PLAIN, PlainStore, StreamArrays
 from ..rope import apply_rotary
 from . import kv_decode
 from .base import FIRST_POSITION, Cache, LayerCache, Step, register
@@ -59,6 +58,10 @@ class FP16LayerCache(LayerCache):
     def kernel_arrays(self) -> tuple[StreamArrays, StreamArrays]:
         return StreamArrays.plain(self.keys), StreamArrays.plain(self.values)
 
+    @cached_property
+    def kernel_store(self) -> PlainStore:
+        return PlainStore(self.keys, self.values)
+
     def attend(self, step: Step, x: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         scale = self.projection.scale
         if step.positions.shape[0] == 1 and self.parent.kernel_unusable is None:
@@ -66,7 +69,7 @@ class FP16LayerCache(LayerCache):
             # the store rotates and writes the token in one call, where torch takes a dozen ops.
             self.note_decode_path(step, "cpu")
             slot = step.shared[FIRST_POSITION] % self.parent.capacity
-            cpu.plain_store(self.keys, self.values, k, v, step.cos, step.sin, slot)
+            self.kernel_store(k, v, step.cos, step.sin, slot)
             return kv_decode.attend(q, *self.kernel_arrays, step, scale)
         k = apply_rotary(k, step.cos, step.sin)
         keys, values = self.keys[:, :, : step.span], self.values[:, :, : step.span]

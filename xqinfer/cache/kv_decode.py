@@ -32,32 +32,72 @@ def unusable(cache: Cache, widths: set[int], value_groups: set[int] = frozenset(
     return cpu.unavailable()
 
 
-def stream_arrays(stream: QuantStream, step: Step) -> cpu.StreamArrays:
-    """Slots [0, span) of `stream` as the kernel reads them, after this step's write."""
+def kernel_arrays(stream: QuantStream, lift: bool = False) -> cpu.StreamArrays:
+    """`stream`'s buffers as the kernel reads them; made once per layer (the buffers never move), each step adding
+    its ring reads (`stream_arrays`). `lift`: a stream of one "KV head" per sequence ([B, rows, C] -> [B, 1, rows,
+    C]), as XQuant's latents are read."""
     owner = stream
     while owner.codes is None:  # shared codes (XQuant-KV): the buffer of the layer that stores them
         owner = owner.codes_from
+
+    def view(t: Tensor | None) -> Tensor | None:
+        return t.unsqueeze(1) if lift and t is not None else t
+
+    ring = stream.ring if stream.ring_size and stream.ring.dtype == torch.float32 else None
     # Scale and zero as stored (fp16), calibrated in the kernel: no per-step cast or calibration of the history's.
-    calibration = quant.calibration(stream.bits, stream.eta)
+    return cpu.StreamArrays(view(owner.codes), stream.bits, stream.group, view(stream.scale), view(stream.zero),
+                            view(ring), quant.calibration(stream.bits, stream.eta))
+
+
+def stream_arrays(arrays: cpu.StreamArrays, stream: QuantStream, step: Step, lift: bool = False) -> cpu.StreamArrays:
+    """`arrays` (`kernel_arrays(stream, lift)`) with this step's ring reads, after its write."""
     if not stream.ring_size:
-        return cpu.StreamArrays(owner.codes, stream.bits, stream.group, stream.scale, stream.zero,
-                                calibration=calibration)
+        return arrays
     recent, rows = stream.ring_reads(step.stored_length, step.stored_positions, step.shared)
-    ring = stream.ring if stream.ring.dtype == torch.float32 else stream.ring.float()
-    return cpu.StreamArrays(owner.codes, stream.bits, stream.group, stream.scale, stream.zero, recent, rows, ring,
-                            calibration)
+    ring = None if stream.ring.dtype == torch.float32 else stream.ring.float()
+    return arrays.read_ring(recent, rows, ring.unsqueeze(1) if lift and ring is not None else ring)
 
 
-def store(keys: QuantStream, values: QuantStream, k: Tensor, v: Tensor, step: Step) -> None:
-    """Stores the step's one token k, v [B, Hkv, 1, D] (k before RoPE) as `keys.write` and `values.write` would,
-    per-channel keys and per-token values: both rings and the value's codes in one call, then the keys' group in
-    torch when the token closes it (once in `group` steps)."""
+def kernel_store(keys: QuantStream, values: QuantStream, lift: bool = False) -> cpu.KiviStore:
+    """The one-call store of a layer's per-channel keys and per-token values (`store`), bound to their buffers
+    (`lift`: as in `kernel_arrays`)."""
+
+    def view(t: Tensor | None) -> Tensor | None:
+        return t.unsqueeze(1) if lift and t is not None else t
+
+    return cpu.KiviStore(view(keys.ring), view(values.codes), view(values.scale), view(values.zero), values.bits,
+                         values.group, view(values.ring) if values.ring_size else None)
+
+
+def store(binding: cpu.KiviStore, keys: QuantStream, values: QuantStream, k: Tensor, v: Tensor, step: Step,
+          rotate: bool = True) -> None:
+    """Stores the step's one token k, v [B, Hkv, 1, D] (k before RoPE; `rotate=False`: stored as it is) as
+    `keys.write` and `values.write` would, per-channel keys and per-token values: both rings and the value's codes
+    in one call (`binding`, `kernel_store(keys, values)`), then the keys' group when the token closes it (once in
+    `group` steps)."""
     position = step.shared[FIRST_POSITION]
-    ring = values.ring if values.ring_size else None
-    cpu.kivi_store(k, v, step.cos, step.sin, keys.ring, position % keys.ring_size, values.codes, values.scale,
-                   values.zero, position % values.capacity, values.bits, values.group, ring,
-                   position % values.ring_size if ring is not None else 0)
-    keys.store_closing_group(step.positions, step.shared)
+    cos, sin = (step.cos, step.sin) if rotate else (None, None)
+    binding(k, v, cos, sin, position % keys.ring_size, position % values.capacity,
+            position % values.ring_size if values.ring_size else 0)
+    close_key_group(keys, step)
+
+
+def close_key_group(keys: QuantStream, step: Step) -> None:
+    """`keys.store_closing_group` for a CPU decode step: when its token closes the group, the group's ring rows
+    quantized in one call (`kernels.cpu.store_key_group`), or in torch where the kernel does not quantize as the
+    stream does (a clip search, scales not float16)."""
+    position, g = step.shared[FIRST_POSITION], keys.group
+    if (position + 1) % g:
+        return  # the token does not close its group: nothing is stored
+    if keys.layout.clip or keys.scale.dtype != torch.float16 or keys.bits not in cpu.BITS:
+        keys.store_closing_group(step.positions, step.shared)
+        return
+    group = position // g
+    ring_row, slot = group % (keys.ring_size // g) * g, group * g % keys.capacity
+    params = group % (keys.capacity // g)
+    codes = None if keys.codes is None else keys.codes[..., slot:slot + g, :]
+    cpu.store_key_group(keys.ring[..., ring_row:ring_row + g, :], keys.bits, codes,
+                        keys.scale[..., params:params + 1, :], keys.zero[..., params:params + 1, :])
 
 
 def attend(q: Tensor, keys: cpu.StreamArrays, values: cpu.StreamArrays, step: Step, scale: float) -> Tensor:

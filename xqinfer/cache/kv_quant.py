@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from ..attention import attend
+from ..kernels.cpu import KiviStore, StreamArrays
 from ..rope import apply_rotary
 from . import kv_decode
 from .base import Cache, CacheSpec, LayerCache, Step, refuse
@@ -68,7 +69,7 @@ class KVQuantCache(Cache):
     @cached_property
     def stores_in_kernel(self) -> bool:
         """Whether the kernel path's decode steps also store their token in one call (`kv_decode.store`): float32
-        rows and float16 scales, as `kernels.cpu.kivi_store` writes them."""
+        rows and float16 scales, as `kernels.cpu.KiviStore` writes them."""
         return self.dtype == torch.float32 and all(layer.values.scale.dtype == torch.float16 for layer in self.layers)
 
     def make_layer(self, index: int) -> LayerCache:
@@ -121,6 +122,14 @@ class KVQuantLayer(LayerCache):
                                   codes_from=previous.values if kind.shares_value_codes(spec, index) else None,
                                   **common)
 
+    @cached_property
+    def kernel_arrays(self) -> tuple[StreamArrays, StreamArrays]:
+        return kv_decode.kernel_arrays(self.keys), kv_decode.kernel_arrays(self.values)
+
+    @cached_property
+    def kernel_store(self) -> KiviStore:
+        return kv_decode.kernel_store(self.keys, self.values)
+
     def attend(self, step: Step, x: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         prerope, positions = self.parent.prerope, step.positions
         kernel = positions.shape[0] == 1 and not step.concat and self.parent.kernel_unusable is None
@@ -129,11 +138,13 @@ class KVQuantLayer(LayerCache):
             # CPU decode: the token stored in one call where the kernel can (the CPU kernel path never stores keys
             # before RoPE), attention straight from the codes, the history never dequantized into memory.
             if self.parent.stores_in_kernel:
-                kv_decode.store(self.keys, self.values, k, v, step)
+                kv_decode.store(self.kernel_store, self.keys, self.values, k, v, step)
             else:
                 self.keys.write(kv_decode.rotate(k, step), positions, step.shared)
                 self.values.write(v, positions, step.shared)
-            keys, values = kv_decode.stream_arrays(self.keys, step), kv_decode.stream_arrays(self.values, step)
+            keys, values = self.kernel_arrays
+            keys = kv_decode.stream_arrays(keys, self.keys, step)
+            values = kv_decode.stream_arrays(values, self.values, step)
             return kv_decode.attend(q, keys, values, step, self.projection.scale)
         k_rotated = apply_rotary(k, step.cos, step.sin)
         stored_k = k if prerope else k_rotated

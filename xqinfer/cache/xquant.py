@@ -14,10 +14,13 @@ import torch
 from torch import Tensor
 
 from ..attention import attend_rebuilt, rebuild_keys
+from ..kernels.cpu import KiviStore, StreamArrays
 from ..rope import apply_rotary
 from .base import Cache, CacheSpec, LayerCache, Option, Step, refuse, register
 from .stream import FULL_PRECISION, QuantStream, stored_bits
 from .xquant_decode import (
+    gqa_cpu_arrays,
+    gqa_cpu_binding,
     gqa_cpu_decode,
     gqa_cpu_store,
     gqa_cpu_unusable,
@@ -156,6 +159,14 @@ class XQuantGQALayer(LayerCache):
             QuantStream(lead, parent.capacity, 1, FULL_PRECISION, 1, "token", 0, dtype, parent.device)
             if self.outlier else None
         )
+
+    @cached_property
+    def kernel_arrays(self) -> tuple[StreamArrays, StreamArrays]:
+        return gqa_cpu_arrays(self)
+
+    @cached_property
+    def kernel_store(self) -> KiviStore:
+        return gqa_cpu_binding(self)
 
     def attend(self, step: Step, x: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         p, positions = self.projection, step.positions

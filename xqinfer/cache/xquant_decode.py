@@ -39,11 +39,11 @@ from ..kernels import (
     fused_x_attention,
 )
 from . import kv_decode
-from .base import FIRST_POSITION, Step
+from .base import Step
 from .stream import QuantStream
 
-__all__ = ["gqa_cpu_decode", "gqa_cpu_store", "gqa_cpu_unusable", "gqa_decode", "gqa_fusable", "mha_decode",
-           "mha_fusable", "stream_inputs"]
+__all__ = ["gqa_cpu_arrays", "gqa_cpu_binding", "gqa_cpu_decode", "gqa_cpu_store", "gqa_cpu_unusable", "gqa_decode",
+           "gqa_fusable", "mha_decode", "mha_fusable", "stream_inputs"]
 
 
 def stream_inputs(stream: QuantStream, step: Step) -> QuantizedHistory:
@@ -149,38 +149,32 @@ def gqa_cpu_unusable(cache, layers) -> str | None:
     return cpu.unavailable()
 
 
-def _latent_arrays(stream: QuantStream, step: Step) -> cpu.StreamArrays:
-    """A latent stream ([B, capacity, C]) as the kernel reads it: one "KV head" per sequence."""
-    arrays = kv_decode.stream_arrays(stream, step)
-    for name in ("codes", "scale", "zero", "ring"):
-        tensor = getattr(arrays, name)
-        if tensor is not None:
-            setattr(arrays, name, tensor.unsqueeze(1))
-    return arrays
+def gqa_cpu_arrays(layer) -> tuple[cpu.StreamArrays, cpu.StreamArrays]:
+    """An `XQuantGQALayer`'s latent streams as `gqa_cpu_decode` reads them: one "KV head" per sequence."""
+    return (kv_decode.kernel_arrays(layer.key_latents, lift=True),
+            kv_decode.kernel_arrays(layer.value_latents, lift=True))
+
+
+def gqa_cpu_binding(layer) -> cpu.KiviStore:
+    """The one-call store of an `XQuantGQALayer`'s latents (`gqa_cpu_store`)."""
+    return kv_decode.kernel_store(layer.key_latents, layer.value_latents, lift=True)
 
 
 def gqa_cpu_store(layer, key_latent: Tensor, value_latent: Tensor, step: Step) -> None:
     """Stores a CPU decode step's one token, its latents [B, 1, C] float32, as `XQuantGQALayer._write` does: both
-    rings and the value latent's codes in one call (`kernels.cpu.kivi_store`, keys unrotated), then the key group
-    in torch when the token closes it."""
-    keys, values = layer.key_latents, layer.value_latents
-    position = step.shared[FIRST_POSITION]
-
-    def head(t: Tensor | None) -> Tensor | None:  # [B, rows, C] -> [B, 1, rows, C]: one "KV head"
-        return None if t is None else t.unsqueeze(1)
-
-    ring = values.ring if values.ring_size else None
-    cpu.kivi_store(head(key_latent), head(value_latent), None, None, head(keys.ring), position % keys.ring_size,
-                   head(values.codes), head(values.scale), head(values.zero), position % values.capacity,
-                   values.bits, values.group, head(ring), position % values.ring_size if ring is not None else 0)
-    keys.store_closing_group(step.positions, step.shared)
+    rings and the value latent's codes in one call (`kv_decode.store`, keys unrotated), then the key group when the
+    token closes it."""
+    kv_decode.store(layer.kernel_store, layer.key_latents, layer.value_latents, key_latent.unsqueeze(1),
+                    value_latent.unsqueeze(1), step, rotate=False)
 
 
 def gqa_cpu_decode(layer, q: Tensor, step: Step) -> Tensor:
     """Attention output [B, H, 1, D] of an `XQuantGQALayer` CPU decode step whose token is already written."""
     p = layer.projection
     batch, heads, _, head_dim = q.shape
-    keys, values = _latent_arrays(layer.key_latents, step), _latent_arrays(layer.value_latents, step)
+    keys, values = layer.kernel_arrays
+    keys = kv_decode.stream_arrays(keys, layer.key_latents, step, lift=True)
+    values = kv_decode.stream_arrays(values, layer.value_latents, step, lift=True)
     cos, sin = step.stored_rope
     mixed = cpu.latent_decode_attention(q.view(batch, heads, head_dim), keys, layer.mk, cos, sin, values,
                                         kv_decode.allowed(step), p.scale)  # [B, H, C]

@@ -83,26 +83,20 @@ def _library() -> tuple[ctypes.CDLL | None, str | None]:
     except OSError as exc:
         return None, f"the CPU kernels did not load: {exc}"
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    stream = [ptr, i64, i64, ctypes.c_int, i64]
-    params = [ptr, ptr, i64, ctypes.c_int, ctypes.c_float, ctypes.c_float]  # scale, zero, stride, half, a, b
-    library.kv_decode_attention.argtypes = (
-        [i64, i64, i64, i64, ptr, i64, ctypes.c_float]
-        + stream + params + [ptr, ptr, ptr, i64]
-        + stream + [i64] + params + [ptr, ptr, ptr, i64]
-        + [ptr, ptr, ctypes.c_int])
+    stream = ctypes.POINTER(Stream)
+    library.kv_decode_attention.argtypes = [i64, i64, i64, i64, ptr, i64, ctypes.c_float, stream, stream, ptr, ptr,
+                                            ctypes.c_int]
     library.kv_decode_attention.restype = ctypes.c_int
-    library.latent_decode_attention.argtypes = (
-        [i64, i64, i64, i64, i64, i64, ptr, ctypes.c_float]
-        + stream + params + [ptr, ptr, ptr, i64]
-        + [ptr, ptr, ptr]
-        + stream + [i64] + params + [ptr, ptr, ptr, i64]
-        + [ptr, ptr, ctypes.c_int])
+    library.latent_decode_attention.argtypes = [i64, i64, i64, i64, i64, i64, ptr, ctypes.c_float, stream, ptr, ptr,
+                                                ptr, stream, ptr, ptr, ctypes.c_int]
     library.latent_decode_attention.restype = ctypes.c_int
     library.plain_store.argtypes = [i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64]
     library.plain_store.restype = ctypes.c_int
     library.kivi_store.argtypes = [i64, i64, ptr, ptr, ptr, ptr, i64, i64, ptr, ctypes.c_int, i64, ptr, i64, ptr, ptr,
                                    i64, i64, ptr, i64, i64]
     library.kivi_store.restype = ctypes.c_int
+    library.store_key_group.argtypes = [i64, i64, i64, ptr, i64, ctypes.c_int, ptr, i64, ptr, ptr, i64]
+    library.store_key_group.restype = ctypes.c_int
     f32, flag = ctypes.c_float, ctypes.c_int
     library.dense_linear.argtypes = [flag, i64, i64, i64, ptr, ptr, ptr, flag]
     library.dense_attention_input.argtypes = [flag, i64, i64, i64, i64, i64, ptr, ptr, f32, ptr, ptr, ptr,
@@ -149,25 +143,12 @@ def kv_decode_attention(q: Tensor, keys: "StreamArrays", values: "StreamArrays",
         raise ValueError(f"head_dim {dim} is above the kernel's {MAX_DIM}")
     q = q.contiguous()
     out = torch.empty_like(q)
-    args = [batch * kv_heads, rows, span, dim, q.data_ptr(), rows * dim, scale]
-    args += _stream_args(keys) + _stream_args(values, per_token=True)
-    status = library.kv_decode_attention(*args, allowed.data_ptr(), out.data_ptr(), torch.get_num_threads())
+    status = library.kv_decode_attention(batch * kv_heads, rows, span, dim, q.data_ptr(), rows * dim, scale,
+                                         keys.struct, values.struct, allowed.data_ptr(), out.data_ptr(),
+                                         torch.get_num_threads())
     if status:
         raise RuntimeError(f"kv_decode_attention failed ({status})")
     return out
-
-
-def _stream_args(stream: "StreamArrays", per_token: bool = False) -> list:
-    """A stream's arguments as the kernels take them (`per_token`: with its groups per token, as values are)."""
-    size = stream.codes.element_size()  # the kernel steps through codes in bytes
-    args = [stream.codes.data_ptr(), _head_stride(stream.codes) * size, stream.codes.shape[-1] * size, stream.bits,
-            stream.group]
-    if per_token:
-        args.append(stream.scale.shape[-1] if stream.scale is not None else 1)
-    half = stream.scale is not None and stream.scale.dtype == torch.float16
-    return args + [_pointer(stream.scale), _pointer(stream.zero), _head_stride(stream.scale), int(half),
-                   *stream.calibration, _pointer(stream.recent), _pointer(stream.rows), _pointer(stream.ring),
-                   _head_stride(stream.ring)]
 
 
 REBUILD_PANEL = 64  # latent_decode_attention's REBUILD_PANEL on AVX-512 (32 elsewhere): KV widths are multiples of it
@@ -186,82 +167,144 @@ def latent_decode_attention(q: Tensor, keys: "StreamArrays", mk: Tensor, cos: Te
     channels, width = mk.shape
     q, mk, cos, sin = (t.contiguous() for t in (q, mk, cos, sin))
     out = q.new_empty(batch, heads, channels)
-    args = [batch, heads, width // dim, dim, channels, allowed.shape[0], q.data_ptr(), scale]
-    args += _stream_args(keys) + [mk.data_ptr(), cos.data_ptr(), sin.data_ptr()]
-    args += _stream_args(values, per_token=True)
-    status = library.latent_decode_attention(*args, allowed.data_ptr(), out.data_ptr(), torch.get_num_threads())
+    status = library.latent_decode_attention(batch, heads, width // dim, dim, channels, allowed.shape[0],
+                                             q.data_ptr(), scale, keys.struct, mk.data_ptr(), cos.data_ptr(),
+                                             sin.data_ptr(), values.struct, allowed.data_ptr(), out.data_ptr(),
+                                             torch.get_num_threads())
     if status:
         raise RuntimeError(f"latent_decode_attention failed ({status})")
     return out
 
 
-def plain_store(keys: Tensor, values: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, slot: int) -> None:
-    """keys[:, :, slot] = RoPE(k) and values[:, :, slot] = v for one decode token: k, v [B, Hkv, 1, D] into float32
-    buffers [B, Hkv, capacity, D], rotated by the token's cos, sin [1, D] (as `rope.apply_rotary`)."""
-    batch, kv_heads, capacity, dim = keys.shape
-    if not (keys.is_contiguous() and values.is_contiguous()) or keys.dtype != torch.float32:
-        raise ValueError("plain_store writes dense float32 buffers")
-    k, v = k.to(torch.float32).contiguous(), v.to(torch.float32).contiguous()
-    cos, sin = cos.to(torch.float32).contiguous(), sin.to(torch.float32).contiguous()
-    status = _library()[0].plain_store(batch * kv_heads, dim, k.data_ptr(), v.data_ptr(), cos.data_ptr(),
-                                       sin.data_ptr(), keys.data_ptr(), values.data_ptr(), capacity * dim, slot)
-    if status:
-        raise RuntimeError(f"plain_store failed ({status})")
+def _float32(t: Tensor) -> Tensor:
+    return t if t.dtype == torch.float32 and t.is_contiguous() else t.float().contiguous()
 
 
-def kivi_store(k: Tensor, v: Tensor, cos: Tensor | None, sin: Tensor | None, key_ring: Tensor, key_row: int,
-               codes: Tensor | None, scale: Tensor, zero: Tensor, slot: int, bits: int, group: int,
-               value_ring: Tensor | None, value_row: int) -> None:
-    """What a KIVI-layout cache stores of one decode token, k, v [B, Hkv, 1, D] float32: RoPE(k) (cos, sin [1, D];
-    None: k as it is) into row `key_row` of the key ring [B, Hkv, ring, D]; v quantized per token (`bits`, groups of
-    `group` channels, as `quant.Layout.quantize`) into `slot` of codes [B, Hkv, capacity, bytes] (None: the layer
-    shares another's) and of the float16 scale and zero [B, Hkv, capacity, groups]; v into row `value_row` of the
-    value ring (None: there is none). Every buffer dense."""
-    batch, kv_heads, _, dim = k.shape
-    buffers = [t for t in (key_ring, codes, scale, zero, value_ring) if t is not None]
-    if not all(t.is_contiguous() for t in buffers) or scale.dtype != torch.float16 or k.dtype != torch.float32:
-        raise ValueError("kivi_store writes dense buffers: float32 rows, float16 scales and zeros")
-    k, v = k.contiguous(), v.contiguous()
-    if cos is not None:
-        cos, sin = cos.to(torch.float32).contiguous(), sin.to(torch.float32).contiguous()
-    status = _library()[0].kivi_store(
-        batch * kv_heads, dim, k.data_ptr(), _pointer(cos), _pointer(sin), key_ring.data_ptr(),
-        _head_stride(key_ring), key_row, v.data_ptr(), bits, group, _pointer(codes), _head_stride(codes),
-        scale.data_ptr(), zero.data_ptr(), _head_stride(scale), slot, _pointer(value_ring), _head_stride(value_ring),
-        value_row)
+class PlainStore:
+    """What a plain KV cache stores of one decode token (kv_attention.c's plain_store), bound to its float32 buffers
+    keys, values [B, Hkv, capacity, D] once (they never move)."""
+
+    def __init__(self, keys: Tensor, values: Tensor) -> None:
+        if not (keys.is_contiguous() and values.is_contiguous()) or keys.dtype != torch.float32:
+            raise ValueError("plain_store writes dense float32 buffers")
+        self.buffers = keys, values  # kept alive for the pointers
+        batch, kv_heads, capacity, self.dim = keys.shape
+        self.heads, self.head_stride = batch * kv_heads, capacity * self.dim
+        self.pointers = keys.data_ptr(), values.data_ptr()
+
+    def __call__(self, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, slot: int) -> None:
+        """keys[:, :, slot] = RoPE(k) and values[:, :, slot] = v for k, v [B, Hkv, 1, D], rotated by the token's
+        cos, sin [1, D] (as `rope.apply_rotary`)."""
+        k, v, cos, sin = _float32(k), _float32(v), _float32(cos), _float32(sin)
+        status = _library()[0].plain_store(self.heads, self.dim, k.data_ptr(), v.data_ptr(), cos.data_ptr(),
+                                           sin.data_ptr(), *self.pointers, self.head_stride, slot)
+        if status:
+            raise RuntimeError(f"plain_store failed ({status})")
+
+
+class KiviStore:
+    """What a KIVI-layout cache stores of one decode token (kv_attention.c's kivi_store), with one layer's buffers
+    bound once (they never move): the key ring [B, Hkv, ring, D] float32; the value's codes [B, Hkv, capacity, bytes]
+    uint8 (None: the layer shares another's), float16 scale and zero [B, Hkv, capacity, groups], quantized per token
+    (`bits`, groups of `group` channels, as `quant.Layout.quantize`); the value ring (None: there is none). Every
+    buffer dense."""
+
+    def __init__(self, key_ring: Tensor, codes: Tensor | None, scale: Tensor, zero: Tensor, bits: int, group: int,
+                 value_ring: Tensor | None) -> None:
+        buffers = [t for t in (key_ring, codes, scale, zero, value_ring) if t is not None]
+        dtypes = (key_ring.dtype, scale.dtype)
+        if not all(t.is_contiguous() for t in buffers) or dtypes != (torch.float32, torch.float16):
+            raise ValueError("kivi_store writes dense buffers: float32 rows, float16 scales and zeros")
+        self.buffers = buffers  # kept alive for the pointers
+        batch, kv_heads, _, self.dim = key_ring.shape
+        self.heads = batch * kv_heads
+        self.key_ring = (key_ring.data_ptr(), _head_stride(key_ring))
+        self.values = (bits, group, _pointer(codes), _head_stride(codes), scale.data_ptr(), zero.data_ptr(),
+                       _head_stride(scale))
+        self.value_ring = (_pointer(value_ring), _head_stride(value_ring))
+
+    def __call__(self, k: Tensor, v: Tensor, cos: Tensor | None, sin: Tensor | None, key_row: int, slot: int,
+                 value_row: int) -> None:
+        """Stores k, v [B, Hkv, 1, D] float32: RoPE(k) (cos, sin [1, D]; None: k as it is) into row `key_row` of the
+        key ring, v quantized into `slot` and into row `value_row` of the value ring."""
+        k, v = _float32(k), _float32(v)
+        cos, sin = (None, None) if cos is None else (_float32(cos), _float32(sin))
+        status = _library()[0].kivi_store(self.heads, self.dim, k.data_ptr(), _pointer(cos), _pointer(sin),
+                                          *self.key_ring, key_row, v.data_ptr(), *self.values, slot,
+                                          *self.value_ring, value_row)
+        if status:
+            raise RuntimeError(f"kivi_store failed ({status})")
+
+
+def store_key_group(ring: Tensor, bits: int, codes: Tensor | None, scale: Tensor, zero: Tensor) -> None:
+    """One closed group of per-channel keys: its rows ring [..., G, D] float32 quantized per channel (as
+    `quant.Layout.quantize` with axis "channel") into codes [..., G, bytes] (None: the layer shares another's) and
+    the float16 scale and zero [..., 1, D]; views of the caller's buffers with dense rows, any leading dimensions
+    (heads, sequences) flattened."""
+    if scale.dtype != torch.float16 or ring.dtype != torch.float32:
+        raise ValueError("store_key_group writes float16 scales and zeros from float32 rows")
+    ring, codes, scale, zero = (None if t is None else t.view(1, -1, *t.shape[-2:]) for t in (ring, codes, scale, zero))
+    _, heads, group, dim = ring.shape
+    status = _library()[0].store_key_group(heads, group, dim, ring.data_ptr(), _head_stride(ring), bits,
+                                           _pointer(codes), _head_stride(codes), scale.data_ptr(), zero.data_ptr(),
+                                           _head_stride(scale))
     if status:
-        raise RuntimeError(f"kivi_store failed ({status})")
+        raise RuntimeError(f"store_key_group failed ({status})")
+
+
+class Stream(ctypes.Structure):
+    """kv_attention.c's stream_t: one stream's buffers as the kernels read them."""
+
+    _fields_ = [("codes", ctypes.c_void_p), ("code_stride", ctypes.c_int64), ("row_bytes", ctypes.c_int64),
+                ("bits", ctypes.c_int), ("group", ctypes.c_int64), ("groups", ctypes.c_int64),
+                ("scale", ctypes.c_void_p), ("zero", ctypes.c_void_p), ("param_stride", ctypes.c_int64),
+                ("half", ctypes.c_int), ("cal_scale", ctypes.c_float), ("cal_shift", ctypes.c_float),
+                ("recent", ctypes.c_void_p), ("rows", ctypes.c_void_p), ("ring", ctypes.c_void_p),
+                ("ring_stride", ctypes.c_int64)]
 
 
 class StreamArrays:
     """One stream as the kernel reads it: packed codes [B, Hkv, >= N, bytes] uint8, scale and zero as stored (float32
     or float16; per channel [B, Hkv, >= N / group, D], per token [B, Hkv, >= N, ceil(D / group)]), the calibration
-    (a, b) that the kernel applies to them (s' = a s, z' = z + b s; see `quant.calibrated_params`), and the residual
-    window: recent [N] bool, rows [N] int64 and the float32 ring [B, Hkv, ring, D] (all None when nothing reads
-    from it). `plain(rows)`: a plain float32 K or V [B, Hkv, >= N, D], read as it is."""
+    (a, b) that the kernel applies to them (s' = a s, z' = z + b s; see `quant.calibrated_params`), and the float32
+    residual ring [B, Hkv, ring, D]. Made once per buffer (they never move: the argument the kernels take is built
+    here, once); each step says which slots it reads from the ring (`read_ring`). `plain(rows)`: a plain float32 K
+    or V [B, Hkv, >= N, D], read as it is."""
 
-    __slots__ = ("codes", "bits", "group", "scale", "zero", "calibration", "recent", "rows", "ring")
+    __slots__ = ("codes", "scale", "zero", "ring", "recent", "rows", "struct")
 
     def __init__(self, codes: Tensor, bits: int, group: int, scale: Tensor | None, zero: Tensor | None,
-                 recent: Tensor | None = None, rows: Tensor | None = None, ring: Tensor | None = None,
-                 calibration: tuple[float, float] = (1.0, 0.0)) -> None:
+                 ring: Tensor | None = None, calibration: tuple[float, float] = (1.0, 0.0)) -> None:
         if (bits, codes.dtype) != (PLAIN, torch.float32) and (bits not in BITS or codes.dtype != torch.uint8):
             raise ValueError(f"the CPU kernel reads {', '.join(map(str, BITS))}-bit uint8 codes or float32 rows")
         if any(t is not None and t.dtype not in (torch.float32, torch.float16) for t in (scale, zero)):
             raise ValueError("the CPU kernel reads float32 or float16 scales and zeros")
-        if scale is not None and scale.dtype != zero.dtype:
-            raise ValueError("the CPU kernel reads a scale and a zero of one dtype")
+        if scale is not None and (scale.dtype != zero.dtype or scale.stride() != zero.stride()):
+            raise ValueError("the CPU kernel reads a scale and a zero of one dtype and layout")
         if ring is not None and ring.dtype != torch.float32:
             raise ValueError("the CPU kernel reads float32 rings")
-        self.codes, self.bits, self.group, self.scale, self.zero = codes, bits, group, scale, zero
-        self.calibration = calibration
-        self.recent = None if recent is None else recent.contiguous()
-        self.rows = None if rows is None else rows.contiguous()
-        self.ring = ring
+        self.codes, self.scale, self.zero, self.ring = codes, scale, zero, ring  # kept alive for the pointers
+        self.recent = self.rows = None
+        size = codes.element_size()  # the kernel steps through codes in bytes
+        self.struct = Stream(
+            codes.data_ptr(), _head_stride(codes) * size, codes.shape[-1] * size, bits, group,
+            scale.shape[-1] if scale is not None else 1, _pointer(scale), _pointer(zero), _head_stride(scale),
+            int(scale is not None and scale.dtype == torch.float16), *calibration, None, None, _pointer(ring),
+            _head_stride(ring))
 
     @classmethod
     def plain(cls, rows: Tensor) -> StreamArrays:
         return cls(rows, PLAIN, 1, None, None)
+
+    def read_ring(self, recent: Tensor, rows: Tensor, ring: Tensor | None = None) -> StreamArrays:
+        """This step's ring reads: recent [N] bool (slot n read from the ring), rows [N] int64 (at row rows[n]);
+        `ring`: a float32 copy to read instead of the one given at construction (rings of another dtype)."""
+        self.recent, self.rows = recent.contiguous(), rows.contiguous()
+        self.struct.recent, self.struct.rows = self.recent.data_ptr(), self.rows.data_ptr()
+        if ring is not None:
+            self.ring = ring
+            self.struct.ring, self.struct.ring_stride = ring.data_ptr(), _head_stride(ring)
+        return self
 
 
 def dense_usable(x: Tensor, *weights: Tensor) -> bool:

@@ -20,7 +20,8 @@
  * Work is split over threads by (BH, token block): scores, then softmax per row, then the weighted sum of values
  * with one accumulator per thread, summed at the end.
  *
- * Also here: what a cache stores of one decode token (plain_store for plain K/V, kivi_store for the KIVI layout).
+ * Also here: what a cache stores of one decode token (plain_store for plain K/V, kivi_store for the KIVI layout,
+ * store_key_group when the token closes its keys' group).
  */
 #include <math.h>
 #include <stdint.h>
@@ -387,13 +388,37 @@ static inline uint16_t f16_directed(float x, int up) {
     return (uint16_t)(sign | truncated);
 }
 
+/* The stored zero and scale of the range [low, high] at `levels` + 1 levels, as quant.py's _range_params: the
+ * zero min rounded down and the scale (max - zero) / levels rounded up to float16, both clamped to its range. */
+static inline void range_params(float low, float high, int levels, uint16_t *zero, uint16_t *scale) {
+    low = low < -65504.f ? -65504.f : low > 65504.f ? 65504.f : low;
+    *zero = f16_directed(low, 0);
+    const float z = f16_to_f32(*zero), span = high - z > 0.f ? high - z : 0.f;
+    const float step = span / (float)levels;
+    *scale = f16_directed(step > 65504.f ? 65504.f : step, 1);
+}
+
+/* quant.py's quantize_codes: round((y - z) / s) clamped to [0, levels], 0 where the scale is 0. */
+static inline uint8_t code_of(float y, float z, float s, int levels) {
+    const float code = nearbyintf((y - z) / s);
+    return s > 0.f ? (uint8_t)(code < 0.f ? 0.f : code > (float)levels ? (float)levels : code) : 0;
+}
+
+/* The codes q [D] of one token packed into D * bits / 8 bytes: code i of byte j in bits i * bits. */
+static inline void pack_row(const uint8_t *restrict q, int64_t D, int bits, uint8_t *restrict codes) {
+    const int per = 8 / bits;
+    for (int64_t j = 0; j < D / per; j++) {
+        unsigned byte = 0;
+        for (int i = 0; i < per; i++) byte |= (unsigned)q[j * per + i] << (i * bits);
+        codes[j] = (uint8_t)byte;
+    }
+}
+
 /* One token y [D] quantized per token in groups of `group` channels (the last one ragged), as quant.py's
- * Layout.quantize does it: the zero min(g) rounded down and the scale (max(g) - zero) / (2^bits - 1) rounded up
- * to float16, the codes round((y - zero) / scale) clamped (0 where the scale is 0), packed code i of byte j in bits
- * i * bits. codes may be NULL (a layer that shares another's codes keeps only its scale and zero). */
+ * Layout.quantize does it. codes may be NULL (a layer that shares another's codes keeps only its scale and zero). */
 static void quantize_token(const float *restrict y, int64_t D, int bits, int64_t group, uint8_t *restrict codes,
                            uint16_t *restrict scale, uint16_t *restrict zero) {
-    const int levels = (1 << bits) - 1, per = 8 / bits;
+    const int levels = (1 << bits) - 1;
     uint8_t q[MAX_DIM];
     for (int64_t g = 0, first = 0; first < D; g++, first += group) {
         const int64_t last = first + group < D ? first + group : D;
@@ -402,23 +427,44 @@ static void quantize_token(const float *restrict y, int64_t D, int bits, int64_t
             low = y[d] < low ? y[d] : low;
             high = y[d] > high ? y[d] : high;
         }
-        low = low < -65504.f ? -65504.f : low > 65504.f ? 65504.f : low;
-        zero[g] = f16_directed(low, 0);
-        const float z = f16_to_f32(zero[g]), span = high - z > 0.f ? high - z : 0.f;
-        const float step = span / (float)levels;
-        scale[g] = f16_directed(step > 65504.f ? 65504.f : step, 1);
-        const float s = f16_to_f32(scale[g]);
-        for (int64_t d = first; d < last; d++) {
-            const float code = nearbyintf((y[d] - z) / s);
-            q[d] = s > 0.f ? (uint8_t)(code < 0.f ? 0.f : code > (float)levels ? (float)levels : code) : 0;
+        range_params(low, high, levels, &zero[g], &scale[g]);
+        const float z = f16_to_f32(zero[g]), s = f16_to_f32(scale[g]);
+        for (int64_t d = first; d < last; d++) q[d] = code_of(y[d], z, s, levels);
+    }
+    if (codes) pack_row(q, D, bits, codes);
+}
+
+/* One closed group of per-channel keys, for every head [BH]: the G rows y [BH][G][D] (row stride D, head stride
+ * ring_stride: the group's rows of the key ring) quantized per channel, as quant.py's Layout.quantize with axis
+ * "channel" does it, into G consecutive token rows of codes [BH][..][D * bits / 8] (byte stride code_stride; NULL:
+ * the layer shares another's codes) and one row of scale, zero [BH][..][D] float16 (stride param_stride). */
+int store_key_group(int64_t BH, int64_t G, int64_t D, const float *ring, int64_t ring_stride, int bits,
+                    uint8_t *codes, int64_t code_stride, uint16_t *scale, uint16_t *zero, int64_t param_stride) {
+    if (D > MAX_DIM || (bits != 1 && bits != 2 && bits != 4 && bits != 8) || (D * bits) % 8 || G < 1) return 1;
+    const int levels = (1 << bits) - 1;
+    const int64_t row_bytes = D * bits / 8;
+    float z[MAX_DIM], s[MAX_DIM];
+    uint8_t q[MAX_DIM];
+    for (int64_t bh = 0; bh < BH; bh++) {
+        const float *y = ring + bh * ring_stride;
+        uint16_t *zero_row = zero + bh * param_stride, *scale_row = scale + bh * param_stride;
+        for (int64_t d = 0; d < D; d++) {
+            float low = y[d], high = y[d];
+            for (int64_t t = 1; t < G; t++) {
+                const float x = y[t * D + d];
+                low = x < low ? x : low;
+                high = x > high ? x : high;
+            }
+            range_params(low, high, levels, &zero_row[d], &scale_row[d]);
+            z[d] = f16_to_f32(zero_row[d]), s[d] = f16_to_f32(scale_row[d]);
+        }
+        if (!codes) continue;
+        for (int64_t t = 0; t < G; t++) {
+            for (int64_t d = 0; d < D; d++) q[d] = code_of(y[t * D + d], z[d], s[d], levels);
+            pack_row(q, D, bits, codes + bh * code_stride + t * row_bytes);
         }
     }
-    if (!codes) return;
-    for (int64_t j = 0; j < D / per; j++) {
-        unsigned byte = 0;
-        for (int i = 0; i < per; i++) byte |= (unsigned)q[j * per + i] << (i * bits);
-        codes[j] = (uint8_t)byte;
-    }
+    return 0;
 }
 
 /* What a KIVI-layout cache writes for one decode token of every head [BH]: the key k [BH][D], rotated by the
@@ -444,22 +490,11 @@ int kivi_store(int64_t BH, int64_t D, const float *k, const float *cos, const fl
 }
 
 int kv_decode_attention(int64_t BH, int64_t R, int64_t N, int64_t D, const float *query, int64_t q_stride,
-                        float q_scale,
-                        const uint8_t *kcodes, int64_t kcode_stride, int64_t krow_bytes, int kbits, int64_t kgroup,
-                        const void *kscale, const void *kzero, int64_t kparam_stride, int khalf, float kcal_scale,
-                        float kcal_shift, const uint8_t *krecent,
-                        const int64_t *krows, const float *kring, int64_t kring_stride, const uint8_t *vcodes,
-                        int64_t vcode_stride, int64_t vrow_bytes, int vbits, int64_t vgroup, int64_t vgroups,
-                        const void *vscale, const void *vzero, int64_t vparam_stride, int vhalf, float vcal_scale,
-                        float vcal_shift, const uint8_t *vrecent,
-                        const int64_t *vrows, const float *vring, int64_t vring_stride, const uint8_t *allowed,
+                        float q_scale, const stream_t *keys, const stream_t *values, const uint8_t *allowed,
                         float *out, int threads) {
+    const stream_t k = *keys, v = *values;
     if (D > MAX_DIM || D % LANES || R < 1 || N < 1) return 1;
-    if (vbits != 32 && (vgroup % LANES || vgroups > MAX_CHUNKS)) return 1;
-    const stream_t k = {kcodes, kcode_stride, krow_bytes, kbits, kgroup, 0, kscale, kzero, kparam_stride, khalf,
-                        kcal_scale, kcal_shift, krecent, krows, kring, kring_stride};
-    const stream_t v = {vcodes, vcode_stride, vrow_bytes, vbits, vgroup, vgroups, vscale, vzero, vparam_stride,
-                        vhalf, vcal_scale, vcal_shift, vrecent, vrows, vring, vring_stride};
+    if (v.bits != 32 && (v.group % LANES || v.groups > MAX_CHUNKS)) return 1;
     const int64_t blocks = (N + BLOCK - 1) / BLOCK, items = BH * blocks, size = BH * R * D;
     /* per thread: a dense copy of q times the softmax scale, qs and qz (keys), sums of p v (values) */
     const int64_t work_size = 2 * R * D + R + size;
@@ -480,7 +515,7 @@ int kv_decode_attention(int64_t BH, int64_t R, int64_t N, int64_t D, const float
                 for (int64_t i = 0; i < R * D; i++) q[i] = query[bh * q_stride + i] * q_scale;
                 bh_loaded = bh;
             }
-            const int bits = kbits;
+            const int bits = k.bits;
 #define KEYS(b, chunks) key_scores(&k, b, chunks, bh, start, end, R, N, D, q, allowed, qs, qz, scores + bh * R * N)
             FOR_BITS(KEYS)
 #undef KEYS
@@ -490,7 +525,7 @@ int kv_decode_attention(int64_t BH, int64_t R, int64_t N, int64_t D, const float
         for (int64_t item = 0; item < items; item++) {
             const int64_t bh = item / blocks, start = (item % blocks) * BLOCK;
             const int64_t end = start + BLOCK < N ? start + BLOCK : N;
-            const int bits = vbits;
+            const int bits = v.bits;
 #define VALUES(b, chunks) value_sums(&v, b, chunks, bh, start, end, R, N, D, scores + bh * R * N, allowed, \
                                     acc + bh * R * D)
             FOR_BITS(VALUES)
@@ -607,26 +642,14 @@ static inline __attribute__((always_inline)) void latent_scores(const stream_t *
 }
 
 int latent_decode_attention(int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t C, int64_t N, const float *query,
-                            float q_scale,
-                            const uint8_t *kcodes, int64_t kcode_stride, int64_t krow_bytes, int kbits,
-                            int64_t kgroup, const void *kscale, const void *kzero, int64_t kparam_stride, int khalf,
-                            float kcal_scale, float kcal_shift, const uint8_t *krecent, const int64_t *krows,
-                            const float *kring, int64_t kring_stride,
-                            const float *mk, const float *cos, const float *sin,
-                            const uint8_t *vcodes, int64_t vcode_stride, int64_t vrow_bytes, int vbits,
-                            int64_t vgroup, int64_t vgroups, const void *vscale, const void *vzero,
-                            int64_t vparam_stride, int vhalf, float vcal_scale, float vcal_shift,
-                            const uint8_t *vrecent, const int64_t *vrows, const float *vring, int64_t vring_stride,
-                            const uint8_t *allowed, float *out, int threads) {
+                            float q_scale, const stream_t *keys, const float *mk, const float *cos, const float *sin,
+                            const stream_t *values, const uint8_t *allowed, float *out, int threads) {
+    const stream_t k = *keys, v = *values;
     if (C > MAX_DIM || C % LANES || D > MAX_DIM || D % (2 * LANES) || H % Hkv || (Hkv * D) % REBUILD_PANEL
-        || N < 1 || vgroup % LANES || vgroups > MAX_CHUNKS)
+        || N < 1 || v.group % LANES || v.groups > MAX_CHUNKS)
         return 1;
-    if (kbits != 1 && kbits != 2 && kbits != 4 && kbits != 8) return 1;
-    if (vbits != 1 && vbits != 2 && vbits != 4 && vbits != 8) return 1;
-    const stream_t k = {kcodes, kcode_stride, krow_bytes, kbits, kgroup, 0, kscale, kzero, kparam_stride, khalf,
-                        kcal_scale, kcal_shift, krecent, krows, kring, kring_stride};
-    const stream_t v = {vcodes, vcode_stride, vrow_bytes, vbits, vgroup, vgroups, vscale, vzero, vparam_stride,
-                        vhalf, vcal_scale, vcal_shift, vrecent, vrows, vring, vring_stride};
+    if (k.bits != 1 && k.bits != 2 && k.bits != 4 && k.bits != 8) return 1;
+    if (v.bits != 1 && v.bits != 2 && v.bits != 4 && v.bits != 8) return 1;
     const int64_t blocks = (N + BLOCK - 1) / BLOCK, items = B * blocks, size = B * H * C, chunks = C / LANES;
     /* per thread: q times the softmax scale, the latents and keys of one tile, sums of p v */
     const int64_t acc_offset = H * D + REBUILD_ROWS * C + REBUILD_ROWS * Hkv * D, work_size = acc_offset + size;
@@ -649,7 +672,7 @@ int latent_decode_attention(int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_
             }
 #define SCORES(bits) latent_scores(&k, bits, chunks, b, start, end, H, Hkv, D, C, N, q, mk, cos, sin, allowed, \
                                    latents, keys, scores + b * H * N)
-            switch (kbits) {
+            switch (k.bits) {
             case 1: SCORES(1); break;
             case 2: SCORES(2); break;
             case 4: SCORES(4); break;
@@ -663,7 +686,7 @@ int latent_decode_attention(int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_
             const int64_t b = item / blocks, start = (item % blocks) * BLOCK;
             const int64_t end = start + BLOCK < N ? start + BLOCK : N;
 #define VALUES(bits) value_sums(&v, bits, chunks, b, start, end, H, N, C, scores + b * H * N, allowed, acc + b * H * C)
-            switch (vbits) {
+            switch (v.bits) {
             case 1: VALUES(1); break;
             case 2: VALUES(2); break;
             case 4: VALUES(4); break;
