@@ -185,3 +185,16 @@ def test_the_plain_kernel_step_equals_torch_attention(batch, monkeypatch):
     reference, reference_tokens = _decode_run(model, "fp16", batch)
     assert fast_tokens == reference_tokens
     torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-5 * reference.abs().max().item())
+
+
+def test_a_conversion_binds_the_weights_again():
+    # Decode steps look their weights up once; .to() replaces them, so the next step must look again.
+    model = _model(GQA, torch.float32)
+    _decode_run(model, "fp16", 1, steps=2)
+    block = model.model.layers[0]
+    assert block.__dict__["_decode_binding"].dtype == torch.float32
+    model.to(torch.bfloat16)
+    assert "_decode_binding" not in block.__dict__
+    again, _ = _decode_run(model, "fp16", 1, steps=2)
+    assert block.__dict__["_decode_binding"].dtype == torch.bfloat16
+    assert again.dtype == torch.bfloat16

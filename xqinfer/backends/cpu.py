@@ -58,31 +58,51 @@ class CpuEmbedding(Embedding):
         return cpu_linear(x, self.weight)
 
 
+@dataclass(frozen=True)
+class DecodeBinding:
+    """What a block's decode steps pass the dense kernels, looked up once: nn.Module's attribute lookups cost ~2 us
+    each, and a step would make dozens of them in every layer."""
+
+    weights: tuple[Tensor, ...]  # input norm, q|k|v, o, post-attention norm, gate|up, down
+    eps: tuple[float, float]
+    heads: int
+    kv_heads: int
+    usable: bool  # the weights are what the kernels read (one dtype they take, dense), in `dtype`
+    dtype: torch.dtype
+
+
 class CpuLlamaBlock(llama.Block):
     """A Llama block whose decode steps run in two kernel calls around the layer cache's attention; any other call
     (a prefill chunk, a dtype or batch the kernels do not take, a step the cache keeps capturable) is the torch
     block's."""
 
     def forward(self, h: Tensor, cos: Tensor, sin: Tensor, layer_cache, step) -> Tensor:
-        # Parameters are read from their modules' dicts: nn.Module's attribute lookup costs ~2 us, and a step
-        # makes dozens of them.
-        parameters = self.__dict__.get("_decode_parameters") or self._bind()
-        weights = [module["weight"] for module in parameters]
-        if h.shape[1] != 1 or not layer_cache.parent.host_steps or not kernels.dense_usable(h, cos, *weights):
+        bound = self.__dict__.get("_decode_binding") or self._bind()
+        if (h.shape[1] != 1 or not bound.usable or h.dtype != bound.dtype or cos.dtype != h.dtype
+                or h.shape[0] > kernels.MAX_ROWS or h.device.type != "cpu" or not layer_cache.parent.host_steps):
             return super().forward(h, cos, sin, layer_cache, step)
-        attention = self.self_attn
-        x, q, k, v = kernels.dense_attention_input(h, weights[0], self._decode_eps[0], weights[1], cos, sin,
-                                                   attention.num_heads, attention.num_kv_heads)
+        weights = bound.weights
+        x, q, k, v = kernels.dense_attention_input(h, weights[0], bound.eps[0], weights[1], cos, sin, bound.heads,
+                                                   bound.kv_heads)
         out = layer_cache.attend(step, x, q, k, v)
-        return kernels.dense_block_output(h, out, weights[2], weights[3], self._decode_eps[1], weights[4], weights[5])
+        return kernels.dense_block_output(h, out, weights[2], weights[3], bound.eps[1], weights[4], weights[5])
 
-    def _bind(self) -> tuple[dict, ...]:
+    def _bind(self) -> DecodeBinding:
         attention, mlp = self.self_attn, self.mlp
         modules = (self.input_layernorm, attention.qkv_proj, attention.o_proj, self.post_attention_layernorm,
                    mlp.gate_up_proj, mlp.down_proj)
-        self.__dict__["_decode_eps"] = (self.input_layernorm.eps, self.post_attention_layernorm.eps)
-        self.__dict__["_decode_parameters"] = tuple(module._parameters for module in modules)
-        return self.__dict__["_decode_parameters"]
+        weights = tuple(module.weight for module in modules)
+        one_row = weights[0][None]  # [1, d] of the weights' dtype and device: what a decode step's input must be
+        binding = DecodeBinding(weights, (self.input_layernorm.eps, self.post_attention_layernorm.eps),
+                                attention.num_heads, attention.num_kv_heads,
+                                kernels.dense_usable(one_row, *weights), one_row.dtype)
+        self.__dict__["_decode_binding"] = binding
+        return binding
+
+    def _apply(self, fn, *args, **kwargs):
+        # A conversion (.to(), .float()) replaces the parameters: bind them again at the next step.
+        self.__dict__.pop("_decode_binding", None)
+        return super()._apply(fn, *args, **kwargs)
 
 
 # The CPU variant of each module class: the same parameters, another forward.

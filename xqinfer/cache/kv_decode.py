@@ -49,13 +49,20 @@ def kernel_arrays(stream: QuantStream, lift: bool = False) -> cpu.StreamArrays:
                             view(ring), quant.calibration(stream.bits, stream.eta))
 
 
+RING_READS = "cpu kernel: ring reads"
+
+
 def stream_arrays(arrays: cpu.StreamArrays, stream: QuantStream, step: Step, lift: bool = False) -> cpu.StreamArrays:
     """`arrays` (`kernel_arrays(stream, lift)`) with this step's ring reads, after its write."""
     if not stream.ring_size:
         return arrays
-    recent, rows = stream.ring_reads(step.stored_length, step.stored_positions, step.shared)
+    key = (RING_READS, stream.recent_key, stream.ring_size)  # the same for every layer's stream of that rule
+    reads = step.shared.get(key)
+    if reads is None:
+        recent, rows = stream.ring_reads(step.stored_length, step.stored_positions, step.shared)
+        reads = step.shared[key] = recent.contiguous(), rows.contiguous()
     ring = None if stream.ring.dtype == torch.float32 else stream.ring.float()
-    return arrays.read_ring(recent, rows, ring.unsqueeze(1) if lift and ring is not None else ring)
+    return arrays.read_ring(*reads, ring.unsqueeze(1) if lift and ring is not None else ring)
 
 
 def kernel_store(keys: QuantStream, values: QuantStream, lift: bool = False) -> cpu.KiviStore:
@@ -104,7 +111,7 @@ def attend(q: Tensor, keys: cpu.StreamArrays, values: cpu.StreamArrays, step: St
     """Attention output [B, H, 1, D] of one decode step over what the layer holds after storing its token."""
     batch, heads, length, dim = q.shape
     kv_heads = keys.codes.shape[1]
-    grouped = q.to(torch.float32).reshape(batch, kv_heads, heads // kv_heads * length, dim)
+    grouped = (q if q.dtype == torch.float32 else q.float()).reshape(batch, kv_heads, heads // kv_heads * length, dim)
     out = cpu.kv_decode_attention(grouped, keys, values, allowed(step), scale).view(batch, heads, length, dim)
     return out if out.dtype == q.dtype else out.to(q.dtype)
 

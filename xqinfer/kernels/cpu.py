@@ -299,8 +299,10 @@ class StreamArrays:
     def read_ring(self, recent: Tensor, rows: Tensor, ring: Tensor | None = None) -> StreamArrays:
         """This step's ring reads: recent [N] bool (slot n read from the ring), rows [N] int64 (at row rows[n]);
         `ring`: a float32 copy to read instead of the one given at construction (rings of another dtype)."""
-        self.recent, self.rows = recent.contiguous(), rows.contiguous()
-        self.struct.recent, self.struct.rows = self.recent.data_ptr(), self.rows.data_ptr()
+        if not (recent.is_contiguous() and rows.is_contiguous()):
+            raise ValueError("the CPU kernel reads dense ring reads")
+        self.recent, self.rows = recent, rows
+        self.struct.recent, self.struct.rows = recent.data_ptr(), rows.data_ptr()
         if ring is not None:
             self.ring = ring
             self.struct.ring, self.struct.ring_stride = ring.data_ptr(), _head_stride(ring)
