@@ -16,6 +16,7 @@ import torch
 
 import xqinfer
 from xqinfer import quant
+from xqinfer.accounting import bits_label, normalized_size
 from xqinfer.cache import make_cache
 from xqinfer.cache.base import EMPTY_SLOT, CacheSpec, parse_spec
 from xqinfer.cache.stream import FULL_PRECISION, QuantStream
@@ -490,6 +491,10 @@ PARSE_REFUSALS = [
     # A repeated key used to keep its last value silently (`bits=2,bits=4` ran 4-bit).
     ("kivi:bits=2,bits=4", ["kivi", "'bits'", "more than once"]),
     ("xquant:group=32, group=32", ["'group'", "more than once"]),
+    ("xquant-cl:more_bits=3+x", ["more_bits='3+x'", "joined by '+'"]),
+    ("xquant-cl:bits=3,more_bits=5,fewer_bits=4+5", ["layer 5", "both"]),
+    ("xquant-cl:bits=4,more_bits=5", ["more_bits", "5-bit"]),
+    ("xquant-cl:bits=1,fewer_bits=5", ["fewer_bits", "0-bit"]),
 ]
 
 
@@ -507,6 +512,8 @@ BUILD_REFUSALS = [
     ("mha", "xquant:outlier=1", ["outlier=1", "MHA"]),
     # Per-channel latents (GQA keys) close R tokens at a time: R must be a multiple of the group.
     ("gqa", "xquant:group=16,residual=8", ["residual=8", "multiple", "16"]),
+    ("mha", "xquant-cl:base_layers=2,more_bits=1", ["more_bits", "layer 1", "not a delta layer", "2..3"]),
+    ("mha", "xquant-cl:fewer_bits=3+4", ["fewer_bits", "layer 4", "3..3"]),
 ]
 
 
@@ -518,6 +525,24 @@ def test_bad_spec_is_refused_when_the_cache_is_built(name, text, fragments):
     message = str(info.value)
     for fragment in fragments:
         assert fragment in message, f"{fragment!r} not in {message!r}"
+
+
+def test_uneven_delta_bits_are_the_widths_they_name():
+    # Every delta layer one bit up is the next width everywhere: same streams, same logits, same size.
+    model = _model("gqa")
+    delta_layers = "+".join(map(str, range(1, model.config.num_layers)))
+    uneven = make_cache(f"xquant-cl:bits=2,base_layers=1,more_bits={delta_layers}", model, 32)
+    assert [layer.stream.bits for layer in uneven.layers] == [4] + [3] * (model.config.num_layers - 1)
+    prompt, steps = _tokens("gqa", 20), _tokens("gqa", 6, seed=1)
+    with torch.inference_mode():
+        assert torch.equal(_run(model, f"xquant-cl:bits=2,base_layers=1,more_bits={delta_layers}", prompt, steps, 8),
+                           _run(model, "xquant-cl:bits=3,base_layers=1", prompt, steps, 8))
+    as_three = parse_spec("xquant-cl:bits=3,base_layers=1")
+    assert normalized_size(uneven.spec, model.config) == normalized_size(as_three, model.config)
+    # One up and one down: the same memory as none, and the label says so.
+    swapped = parse_spec("xquant-cl:bits=3,base_layers=1,more_bits=1,fewer_bits=2")
+    assert normalized_size(swapped, model.config) == normalized_size(as_three, model.config)
+    assert bits_label(swapped, model.config) == "3 (first 1 at 4; 1 at 4, 1 at 2)"
 
 
 def test_base_layers_up_to_the_layer_count_is_accepted():

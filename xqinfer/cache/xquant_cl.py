@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import quant
 from ..attention import attend_rebuilt, rebuild_keys
 from ..rope import apply_rotary
 from .base import Cache, CacheSpec, LayerCache, Option, Step, refuse, register
@@ -32,6 +33,9 @@ class XQuantCLCache(Cache):
         "sigma_power": Option(0.0, minimum=0.0, maximum=1.0),
         "rotate": Option(0, choices=(0, 1)),
         "clip": Option(0, choices=(0, 1)),
+        # Ours too: delta layers that store one bit more or less than `bits` ('+'-separated indices, e.g. 12+3).
+        "more_bits": Option(None, kind=str),
+        "fewer_bits": Option(None, kind=str),
     }
 
     def __init__(self, *args, **kwargs) -> None:
@@ -41,12 +45,34 @@ class XQuantCLCache(Cache):
         super().__init__(*args, **kwargs)
 
     @classmethod
+    def validate(cls, spec: CacheSpec) -> None:
+        more, fewer = _layer_list(spec, "more_bits"), _layer_list(spec, "fewer_bits")
+        if more & fewer:
+            refuse(spec, f"layer {min(more & fewer)} is in both more_bits and fewer_bits")
+        for key, layers, step in (("more_bits", more, 1), ("fewer_bits", fewer, -1)):
+            if layers and spec.options["bits"] + step not in quant.BITS:
+                refuse(spec, f"{key}: {spec.options['bits'] + step}-bit deltas are not stored "
+                             f"(bits: {', '.join(map(str, quant.BITS))})")
+
+    @classmethod
     def resolve(cls, spec: CacheSpec, config) -> CacheSpec:
-        layers = config.num_layers
-        if spec.options["base_layers"] > layers:
-            refuse(spec, f"base_layers={spec.options['base_layers']} exceeds the model's {layers} layers "
-                         f"(accepted: 1..{layers})")
+        layers, base = config.num_layers, spec.options["base_layers"]
+        if base > layers:
+            refuse(spec, f"base_layers={base} exceeds the model's {layers} layers (accepted: 1..{layers})")
+        for key in ("more_bits", "fewer_bits"):
+            outside = [index for index in _layer_list(spec, key) if not base <= index < layers]
+            if outside:
+                refuse(spec, f"{key}: layer {outside[0]} is not a delta layer (accepted: {base}..{layers - 1})")
         return spec
+
+    @classmethod
+    def layer_bits(cls, spec: CacheSpec, index: int) -> int:
+        """The code width of layer `index`: base layers at base_bits, the others at bits, one more or fewer where
+        more_bits or fewer_bits name them."""
+        o = spec.options
+        if index < o["base_layers"]:
+            return o["base_bits"]
+        return o["bits"] + (index in _layer_list(spec, "more_bits")) - (index in _layer_list(spec, "fewer_bits"))
 
     @property
     def always_concat(self) -> bool:
@@ -63,7 +89,7 @@ class XQuantCLCache(Cache):
     def layer_bits_per_element(cls, spec: CacheSpec, config, index: int, dtype: torch.dtype = torch.float16) -> float:
         o = spec.options
         width = min(2 * config.kv_dim, config.hidden_size) if config.is_gqa else config.hidden_size
-        bits = o["base_bits"] if index < o["base_layers"] else o["bits"]
+        bits = cls.layer_bits(spec, index)
         if bits == FULL_PRECISION:
             per_element = float(torch.finfo(dtype).bits)
         else:
@@ -73,7 +99,9 @@ class XQuantCLCache(Cache):
     @classmethod
     def bits_label(cls, spec: CacheSpec, config) -> str:
         o = spec.options
-        return f"{o['bits']} (first {o['base_layers']} at {o['base_bits']})"
+        more, fewer = len(_layer_list(spec, "more_bits")), len(_layer_list(spec, "fewer_bits"))
+        uneven = ", ".join(f"{count} at {o['bits'] + step}" for count, step in ((more, 1), (fewer, -1)) if count)
+        return f"{o['bits']} (first {o['base_layers']} at {o['base_bits']}{'; ' + uneven if uneven else ''})"
 
     @classmethod
     def rebuild_flops_per_token(cls, spec: CacheSpec, config, index: int) -> float:
@@ -97,7 +125,7 @@ class XQuantCLLayer(LayerCache):
             if config.is_gqa or shaped else (None, None)
         )
         width = self.encode.shape[1] if self.encode is not None else config.hidden_size
-        bits = o["base_bits"] if self.is_base else o["bits"]
+        bits = type(parent).layer_bits(parent.spec, index)
         self.stream = QuantStream((parent.batch_size,), parent.capacity, width, bits, o["group"], "token", 0,
                                   parent.dtype, parent.device, eta=o["eta"], clip=bool(o["clip"]))
 
@@ -132,6 +160,17 @@ class XQuantCLLayer(LayerCache):
 
     def tensors(self) -> list[Tensor]:
         return self.stream.tensors()
+
+
+def _layer_list(spec: CacheSpec, key: str) -> frozenset[int]:
+    """The layer indices of a '+'-separated option (`more_bits=12+3`); refused unless they are integers."""
+    text = spec.options[key]
+    if not text:
+        return frozenset()
+    try:
+        return frozenset(int(part) for part in text.split("+"))
+    except ValueError:
+        refuse(spec, f"{key}={text!r}: expected layer indices joined by '+' (e.g. {key}=12+3)")
 
 
 def stored_basis(wk: Tensor, wv: Tensor, key_weight: float = 1.0, sigma_power: float = 0.0,
