@@ -35,7 +35,16 @@ static inline int thread_index(void) { return omp_get_thread_num(); }
 static inline int thread_index(void) { return 0; }
 #endif
 
-#define BLOCK 256
+#define BLOCK 256  /* the most tokens of one work item */
+
+/* Tokens per work item for `heads` rows of N tokens over `threads` threads: at most BLOCK, and as many items as
+ * make their count a multiple of the threads, so that each thread gets the same number of equal items (with 256
+ * per item, a 560-token span of one sequence would give one thread 512 tokens and the other 48). */
+static int64_t block_size(int64_t N, int64_t heads, int threads) {
+    int64_t blocks = (N + BLOCK - 1) / BLOCK;
+    while (threads > 1 && (heads * blocks) % threads && blocks < N) blocks++;
+    return (N + blocks - 1) / blocks;
+}
 #define MAX_DIM 512
 
 typedef struct {
@@ -495,7 +504,8 @@ int kv_decode_attention(int64_t BH, int64_t R, int64_t N, int64_t D, const float
     const stream_t k = *keys, v = *values;
     if (D > MAX_DIM || D % LANES || R < 1 || N < 1) return 1;
     if (v.bits != 32 && (v.group % LANES || v.groups > MAX_CHUNKS)) return 1;
-    const int64_t blocks = (N + BLOCK - 1) / BLOCK, items = BH * blocks, size = BH * R * D;
+    const int64_t block = block_size(N, BH, threads), blocks = (N + block - 1) / block;
+    const int64_t items = BH * blocks, size = BH * R * D;
     /* per thread: a dense copy of q times the softmax scale, qs and qz (keys), sums of p v (values) */
     const int64_t work_size = 2 * R * D + R + size;
     float *scores = malloc(sizeof(float) * BH * R * N);
@@ -509,8 +519,8 @@ int kv_decode_attention(int64_t BH, int64_t R, int64_t N, int64_t D, const float
         int64_t bh_loaded = -1;
 #pragma omp for schedule(static)
         for (int64_t item = 0; item < items; item++) {
-            const int64_t bh = item / blocks, start = (item % blocks) * BLOCK;
-            const int64_t end = start + BLOCK < N ? start + BLOCK : N;
+            const int64_t bh = item / blocks, start = (item % blocks) * block;
+            const int64_t end = start + block < N ? start + block : N;
             if (bh != bh_loaded) {
                 for (int64_t i = 0; i < R * D; i++) q[i] = query[bh * q_stride + i] * q_scale;
                 bh_loaded = bh;
@@ -523,8 +533,8 @@ int kv_decode_attention(int64_t BH, int64_t R, int64_t N, int64_t D, const float
         softmax_rows(scores, BH * R, N, allowed);
 #pragma omp for schedule(static)
         for (int64_t item = 0; item < items; item++) {
-            const int64_t bh = item / blocks, start = (item % blocks) * BLOCK;
-            const int64_t end = start + BLOCK < N ? start + BLOCK : N;
+            const int64_t bh = item / blocks, start = (item % blocks) * block;
+            const int64_t end = start + block < N ? start + block : N;
             const int bits = v.bits;
 #define VALUES(b, chunks) value_sums(&v, b, chunks, bh, start, end, R, N, D, scores + bh * R * N, allowed, \
                                     acc + bh * R * D)
@@ -650,7 +660,8 @@ int latent_decode_attention(int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_
         return 1;
     if (k.bits != 1 && k.bits != 2 && k.bits != 4 && k.bits != 8) return 1;
     if (v.bits != 1 && v.bits != 2 && v.bits != 4 && v.bits != 8) return 1;
-    const int64_t blocks = (N + BLOCK - 1) / BLOCK, items = B * blocks, size = B * H * C, chunks = C / LANES;
+    const int64_t block = block_size(N, B, threads), blocks = (N + block - 1) / block;
+    const int64_t items = B * blocks, size = B * H * C, chunks = C / LANES;
     /* per thread: q times the softmax scale, the latents and keys of one tile, sums of p v */
     const int64_t acc_offset = H * D + REBUILD_ROWS * C + REBUILD_ROWS * Hkv * D, work_size = acc_offset + size;
     float *scores = malloc(sizeof(float) * B * H * N);
@@ -664,8 +675,8 @@ int latent_decode_attention(int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_
         int64_t b_loaded = -1;
 #pragma omp for schedule(static)
         for (int64_t item = 0; item < items; item++) {
-            const int64_t b = item / blocks, start = (item % blocks) * BLOCK;
-            const int64_t end = start + BLOCK < N ? start + BLOCK : N;
+            const int64_t b = item / blocks, start = (item % blocks) * block;
+            const int64_t end = start + block < N ? start + block : N;
             if (b != b_loaded) {
                 for (int64_t i = 0; i < H * D; i++) q[i] = query[b * H * D + i] * q_scale;
                 b_loaded = b;
@@ -683,8 +694,8 @@ int latent_decode_attention(int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_
         softmax_rows(scores, B * H, N, allowed);
 #pragma omp for schedule(static)
         for (int64_t item = 0; item < items; item++) {
-            const int64_t b = item / blocks, start = (item % blocks) * BLOCK;
-            const int64_t end = start + BLOCK < N ? start + BLOCK : N;
+            const int64_t b = item / blocks, start = (item % blocks) * block;
+            const int64_t end = start + block < N ? start + block : N;
 #define VALUES(bits) value_sums(&v, bits, chunks, b, start, end, H, N, C, scores + b * H * N, allowed, acc + b * H * C)
             switch (v.bits) {
             case 1: VALUES(1); break;
