@@ -39,14 +39,20 @@ def kernel_arrays(stream: QuantStream, lift: bool = False) -> cpu.StreamArrays:
     owner = stream
     while owner.codes is None:  # shared codes (XQuant-KV): the buffer of the layer that stores them
         owner = owner.codes_from
-
-    def view(t: Tensor | None) -> Tensor | None:
-        return t.unsqueeze(1) if lift and t is not None else t
-
+    view = _lifted if lift else _as_is
     ring = stream.ring if stream.ring_size and stream.ring.dtype == torch.float32 else None
     # Scale and zero as stored (fp16), calibrated in the kernel: no per-step cast or calibration of the history's.
     return cpu.StreamArrays(view(owner.codes), stream.bits, stream.group, view(stream.scale), view(stream.zero),
                             view(ring), quant.calibration(stream.bits, stream.eta))
+
+
+def _lifted(t: Tensor | None) -> Tensor | None:
+    """[B, rows, C] -> [B, 1, rows, C]: a stream of one "KV head" per sequence, as the kernels read it."""
+    return None if t is None else t.unsqueeze(1)
+
+
+def _as_is(t: Tensor | None) -> Tensor | None:
+    return t
 
 
 RING_READS = "cpu kernel: ring reads"
@@ -62,16 +68,13 @@ def stream_arrays(arrays: cpu.StreamArrays, stream: QuantStream, step: Step, lif
         recent, rows = stream.ring_reads(step.stored_length, step.stored_positions, step.shared)
         reads = step.shared[key] = recent.contiguous(), rows.contiguous()
     ring = None if stream.ring.dtype == torch.float32 else stream.ring.float()
-    return arrays.read_ring(*reads, ring.unsqueeze(1) if lift and ring is not None else ring)
+    return arrays.read_ring(*reads, _lifted(ring) if lift else ring)
 
 
 def kernel_store(keys: QuantStream, values: QuantStream, lift: bool = False) -> cpu.KiviStore:
     """The one-call store of a layer's per-channel keys and per-token values (`store`), bound to their buffers
     (`lift`: as in `kernel_arrays`)."""
-
-    def view(t: Tensor | None) -> Tensor | None:
-        return t.unsqueeze(1) if lift and t is not None else t
-
+    view = _lifted if lift else _as_is
     return cpu.KiviStore(view(keys.ring), view(values.codes), view(values.scale), view(values.zero), values.bits,
                          values.group, view(values.ring) if values.ring_size else None)
 
