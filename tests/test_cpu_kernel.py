@@ -132,25 +132,37 @@ def test_what_the_kernel_leaves_to_torch(llama, spec, reason):
     assert engine.cache.decode_path() == "torch"
 
 
+@pytest.fixture(params=["tiles", "vectors"])
+def rebuild(request, monkeypatch):
+    """xquant's key rebuild both ways: on the CPU's AMX tiles (where it and Linux give them) and on vectors."""
+    if request.param == "tiles" and not cpu.matrix_tiles():
+        pytest.skip("no AMX tiles on this CPU")
+    if request.param == "vectors":
+        monkeypatch.setattr(cpu, "matrix_tiles", lambda: False)
+    return request.param
+
+
 @pytest.mark.parametrize("spec", [
     "xquant:bits=4,group=32,residual=32",  # latents read from their codes and from the rings
-    "xquant:bits=2,group=16,residual=64", "xquant:bits=8,group=32,residual=0",
+    "xquant:bits=2,group=16,residual=64",  # groups shorter than a tile: vectors either way
+    "xquant:bits=2,group=32,residual=64", "xquant:bits=8,group=32,residual=0",
     "xquant:bits=4,group=32,residual=32,eta=0.1",  # calibrated scales and zeros
     "xquant:bits=4,group=24,residual=48",  # value groups of 24 channels: 24 * 4 = 96
+    "xquant:bits=4,group=48,residual=48",  # tiles of 32 and 16 tokens in each group
 ])
-def test_xquant_kernel_equals_the_torch_path(llama, spec):
+def test_xquant_kernel_equals_the_torch_path(llama, spec, rebuild):
     errors = run_both_ways(llama, spec, prompt=150, steps=30, layer_class=XQuantGQALayer)
     assert max(errors) < 1e-5, f"{spec}: worst relative error {max(errors):.3g}"
 
 
-def test_xquant_kernel_with_two_sequences_and_a_sliding_window():
+def test_xquant_kernel_with_two_sequences_and_a_sliding_window(rebuild):
     model = random_model(ModelConfig.from_dict(MISTRAL), torch.float32, "cpu", seed=6)
     spec = "xquant:bits=4,group=32,residual=32"
     assert max(run_both_ways(model, spec, prompt=120, steps=40, capacity=400, layer_class=XQuantGQALayer)) < 1e-5
     assert max(run_both_ways(model, spec, prompt=70, steps=10, batch=2, layer_class=XQuantGQALayer)) < 1e-5
 
 
-def test_xquant_kernel_on_smollm2():
+def test_xquant_kernel_on_smollm2(rebuild):
     """The real model (9 heads over 3 KV heads of 64, latents 192 wide): every layer of 12 decode steps after a
     300-token prompt, both ways from the same state, and the greedy tokens the kernel path decodes on its own."""
     from xqinfer.api import load

@@ -88,7 +88,8 @@ def _library() -> tuple[ctypes.CDLL | None, str | None]:
                                             ctypes.c_int]
     library.kv_decode_attention.restype = ctypes.c_int
     library.latent_decode_attention.argtypes = [i64, i64, i64, i64, i64, i64, ptr, ctypes.c_float, stream, ptr, ptr,
-                                                ptr, stream, ptr, ptr, ctypes.c_int]
+                                                ptr, stream, ptr, ptr, ctypes.c_int, ctypes.c_int]
+    library.matrix_tiles_ready.restype = ctypes.c_int
     library.latent_decode_attention.restype = ctypes.c_int
     library.plain_store.argtypes = [i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64]
     library.plain_store.restype = ctypes.c_int
@@ -112,6 +113,14 @@ def _library() -> tuple[ctypes.CDLL | None, str | None]:
 def unavailable() -> str | None:
     """Why the CPU kernels cannot run here (None: they can); builds them on the first call."""
     return _library()[1]
+
+
+@functools.cache
+def matrix_tiles() -> bool:
+    """Whether `latent_decode_attention` rebuilds keys on the CPU's matrix tiles (AMX, granted by Linux), as exact
+    as its vector path and faster; `XQINFER_CPU_TILES=0` keeps the vectors."""
+    library, _ = _library()
+    return library is not None and os.environ.get("XQINFER_CPU_TILES", "1") != "0" and library.matrix_tiles_ready() == 1
 
 
 def _pointer(t: Tensor | None) -> int | None:
@@ -170,7 +179,7 @@ def latent_decode_attention(q: Tensor, keys: "StreamArrays", mk: Tensor, cos: Te
     status = library.latent_decode_attention(batch, heads, width // dim, dim, channels, allowed.shape[0],
                                              q.data_ptr(), scale, keys.struct, mk.data_ptr(), cos.data_ptr(),
                                              sin.data_ptr(), values.struct, allowed.data_ptr(), out.data_ptr(),
-                                             torch.get_num_threads())
+                                             torch.get_num_threads(), int(matrix_tiles()))
     if status:
         raise RuntimeError(f"latent_decode_attention failed ({status})")
     return out

@@ -270,6 +270,7 @@ static inline __attribute__((always_inline)) void key_scores(const stream_t *res
  * and zeros are contiguous, so they load as vectors, and each query row's accumulators stay in registers over a
  * tile instead of being loaded and stored for every token. */
 #define TILE 8
+#define SUM_CHUNKS 8
 static inline __attribute__((always_inline)) void value_sums(const stream_t *restrict v, int bits, int64_t chunks,
         int64_t bh, int64_t start, int64_t end, int64_t R, int64_t N, int64_t D, const float *restrict p,
         const uint8_t *restrict allowed, float *restrict acc) {
@@ -298,13 +299,24 @@ static inline __attribute__((always_inline)) void value_sums(const stream_t *res
             tokens[count++] = n;
         }
         for (int64_t r = 0; r < R && count; r++) {
-            v8 sums[MAX_CHUNKS];
-            for (int64_t c = 0; c < chunks; c++) sums[c] = load8(acc + r * D + c * LANES);
-            for (int64_t t = 0; t < count; t++) {
-                const float weight = p[r * N + tokens[t]];
-                for (int64_t c = 0; c < chunks; c++) sums[c] += weight * load8(rows[t] + c * LANES);
+            float weights[TILE];
+            for (int64_t t = 0; t < count; t++) weights[t] = p[r * N + tokens[t]];
+            /* SUM_CHUNKS vectors of sums at a time: as many as stay in registers, however wide the row */
+            for (int64_t c0 = 0; c0 < chunks; c0 += SUM_CHUNKS) {
+                if (c0 + SUM_CHUNKS > chunks) {
+                    for (int64_t c = c0; c < chunks; c++) {
+                        v8 sum = load8(acc + r * D + c * LANES);
+                        for (int64_t t = 0; t < count; t++) sum += weights[t] * load8(rows[t] + c * LANES);
+                        store8(acc + r * D + c * LANES, sum);
+                    }
+                    break;
+                }
+                v8 sums[SUM_CHUNKS];
+                for (int64_t c = 0; c < SUM_CHUNKS; c++) sums[c] = load8(acc + r * D + (c0 + c) * LANES);
+                for (int64_t t = 0; t < count; t++)
+                    for (int64_t c = 0; c < SUM_CHUNKS; c++) sums[c] += weights[t] * load8(rows[t] + (c0 + c) * LANES);
+                for (int64_t c = 0; c < SUM_CHUNKS; c++) store8(acc + r * D + (c0 + c) * LANES, sums[c]);
             }
-            for (int64_t c = 0; c < chunks; c++) store8(acc + r * D + c * LANES, sums[c]);
         }
     }
 }
@@ -561,6 +573,8 @@ int kv_decode_attention(int64_t BH, int64_t R, int64_t N, int64_t D, const float
  *   values: a stream of C-channel rows quantized per token (scale, zero [B][N][vgroups])
  *   allowed [N]; out [B][H][C] float32
  * Hkv * D must be a multiple of REBUILD_PANEL and D of 2 * LANES (the rotate-half pairs a vector with a vector).
+ * tiles: rebuild keys and sum values on AMX where this build and Linux allow (matrix_tiles_ready), as exact as the
+ * vectors: runs of code rows of key groups of at least TILE_TOKENS, value groups of whole tiles, H <= 16.
  */
 #if defined(__AVX512F__)
 typedef float vwide __attribute__((vector_size(64)));  /* the rebuild's vectors: the widest the CPU has */
@@ -574,6 +588,14 @@ typedef float vwide __attribute__((vector_size(32)));
 
 static inline vwide loadw(const float *p) { vwide x; memcpy(&x, p, sizeof x); return x; }
 static inline void storew(float *p, vwide x) { memcpy(p, &x, sizeof x); }
+static inline float sumw(vwide x) {
+#if defined(__AVX512F__)
+    return sum8(__builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7) +
+                __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15));
+#else
+    return sum8(x);
+#endif
+}
 
 /* keys[t][j] = Σ_c rows[t][c] mk[c][j] for REBUILD_ROWS rows (C channels; j < width). */
 static void rebuild_keys(const float *const *rows, const float *restrict mk, int64_t C, int64_t width,
@@ -593,15 +615,398 @@ static void rebuild_keys(const float *const *rows, const float *restrict mk, int
     }
 }
 
-/* scores[h * N + n] for tokens [start, end) of sequence b: q_h . RoPE_n(L̂k_n Mk) over the KV head of h. */
+/* AMX, where the CPU has it (Sapphire Rapids and later): the keys of TILE_TOKENS code rows of one group are rebuilt
+ * on the matrix tiles. A key row is (c (.) s + z) Mk for its codes c, so with the group's Mk scaled per channel,
+ * Ms = diag(s) Mk, it is c Ms + z Mk: the codes are small integers, exact in bfloat16, and Ms is carried by
+ * SPLIT_TERMS bfloat16 matrices whose sum is Ms to float32's 24 bits, so the product, accumulated in float32, is
+ * as exact as the vector path's. Ms (and z Mk) are made once per group and thread, then serve the group's tokens. */
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__linux__)
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#define MATRIX_TILES 1
+#define TILE_TOKENS 32  /* two tiles of 16 rows */
+#define SPLIT_TERMS 3   /* bfloat16 terms of Ms: 3 x 8 significant bits */
+
+/* Linux gives a process the tiles' state only when asked (arch_prctl ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA). */
+int matrix_tiles_ready(void) { return syscall(SYS_arch_prctl, 0x1023, 18) == 0; }
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t bytes_per_row[16];
+    uint8_t rows[16];
+} tile_config_t;
+
+/* Eight tiles of 16 rows of 64 bytes (0-3 float32 accumulators in both uses, the others their operands). */
+static void configure_tiles(void) {
+    tile_config_t config = {.palette = 1};
+    for (int i = 0; i < 8; i++) { config.bytes_per_row[i] = 64; config.rows[i] = 16; }
+    _tile_loadconfig(&config);
+}
+
+typedef struct {
+    uint16_t *codes;   /* [TILE_TOKENS][C] bfloat16 */
+    uint16_t *packed;  /* Ms as the tiles read it: [SPLIT_TERMS][C / 2][width][2] bfloat16, channel pairs */
+    float *shift;      /* [16][width]: z Mk in every row, where the accumulators start */
+    float *keys;       /* [TILE_TOKENS][width] */
+    float scale[MAX_DIM], zero[MAX_DIM];
+    int64_t sequence, group;  /* whose Ms is packed */
+} tile_work_t;
+
+/* Ms = diag(s) Mk split into SPLIT_TERMS bfloat16 matrices, each the top half of what the previous ones left (a
+ * truncation, exact to subtract), packed in channel pairs as tdpbf16ps reads its second operand (one 32-bit word per
+ * column: channel c in the low half, c + 1 in the high half); shift = z Mk, in each of 16 rows. */
+static void pack_scaled(const float *restrict mk, int64_t C, int64_t width, tile_work_t *w) {
+    const __m512i top = _mm512_set1_epi32((int)0xffff0000u);
+    const int64_t term = C / 2 * width * 2;
+    const float *restrict scale = w->scale, *restrict zero = w->zero;
+    uint16_t *restrict packed = w->packed;
+    float *restrict shift = w->shift;  /* row 0 sums z Mk as Mk goes by; the other 15 copy it at the end */
+    memset(shift, 0, sizeof(float) * width);
+    for (int64_t c = 0; c < C; c += 2) {
+        const __m512 s0 = _mm512_set1_ps(scale[c]), s1 = _mm512_set1_ps(scale[c + 1]);
+        const __m512 z0 = _mm512_set1_ps(zero[c]), z1 = _mm512_set1_ps(zero[c + 1]);
+        for (int64_t j = 0; j < width; j += 16) {
+            const __m512 k0 = _mm512_loadu_ps(mk + c * width + j), k1 = _mm512_loadu_ps(mk + (c + 1) * width + j);
+            _mm512_storeu_ps(shift + j, _mm512_fmadd_ps(z1, k1, _mm512_fmadd_ps(z0, k0, _mm512_loadu_ps(shift + j))));
+            __m512 m0 = _mm512_mul_ps(s0, k0), m1 = _mm512_mul_ps(s1, k1);
+            uint16_t *out = packed + (c / 2 * width + j) * 2;
+            for (int t = 0; t < SPLIT_TERMS; t++, out += term) {
+                const __m512i h0 = _mm512_and_si512(_mm512_castps_si512(m0), top);
+                const __m512i h1 = _mm512_and_si512(_mm512_castps_si512(m1), top);
+                _mm512_storeu_si512(out, _mm512_or_si512(h1, _mm512_srli_epi32(h0, 16)));
+                m0 = _mm512_sub_ps(m0, _mm512_castsi512_ps(h0));
+                m1 = _mm512_sub_ps(m1, _mm512_castsi512_ps(h1));
+            }
+        }
+    }
+    for (int64_t row = 1; row < 16; row++) memcpy(shift + row * width, shift, sizeof(float) * width);
+}
+
+/* A row's C codes as bfloat16 (small integers: exact). 4- and 2-bit codes spread to one per 16-bit lane, then
+ * looked up in a table of bfloat16(0 .. 31); other widths through floats (bfloat16 is float32's top half). */
+static inline __attribute__((always_inline)) void codes_to_bf16(const uint8_t *restrict row, int bits, int64_t chunks,
+                                                                uint16_t *restrict out) {
+    static const uint16_t small[32] = {  /* bfloat16(i) */
+        0x0000, 0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0, 0x40c0, 0x40e0, 0x4100, 0x4110, 0x4120, 0x4130, 0x4140, 0x4150,
+        0x4160, 0x4170, 0x4180, 0x4188, 0x4190, 0x4198, 0x41a0, 0x41a8, 0x41b0, 0x41b8, 0x41c0, 0x41c8, 0x41d0, 0x41d8,
+        0x41e0, 0x41e8, 0x41f0, 0x41f8};
+    const int64_t C = chunks * LANES;
+    const __m512i table = _mm512_loadu_si512(small);
+    if (bits == 4 && C % 32 == 0) {
+        const __m512i low = _mm512_set1_epi32(0x0f), high = _mm512_set1_epi32(0xf0);
+        for (int64_t i = 0; i < C; i += 32) {  /* byte j: channels 2j (low nibble), 2j + 1 */
+            const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row + i / 2)));
+            const __m512i spread = _mm512_or_si512(_mm512_and_si512(bytes, low),
+                                                   _mm512_slli_epi32(_mm512_and_si512(bytes, high), 12));
+            _mm512_storeu_si512(out + i, _mm512_permutexvar_epi16(spread, table));
+        }
+        return;
+    }
+    if (bits == 2 && C % 32 == 0) {
+        const __m512i two = _mm512_set1_epi64(3);
+        for (int64_t i = 0; i < C; i += 32) {  /* byte j: channels 4j .. 4j + 3, from the low bits up */
+            uint64_t eight;
+            memcpy(&eight, row + i / 4, sizeof eight);
+            const __m512i bytes = _mm512_cvtepu8_epi64(_mm_cvtsi64_si128((long long)eight));
+            const __m512i spread = _mm512_or_si512(
+                _mm512_or_si512(_mm512_and_si512(bytes, two), _mm512_slli_epi64(_mm512_and_si512(_mm512_srli_epi64(bytes, 2), two), 16)),
+                _mm512_or_si512(_mm512_slli_epi64(_mm512_and_si512(_mm512_srli_epi64(bytes, 4), two), 32),
+                                _mm512_slli_epi64(_mm512_srli_epi64(bytes, 6), 48)));
+            _mm512_storeu_si512(out + i, _mm512_permutexvar_epi16(spread, table));
+        }
+        return;
+    }
+    v8 codes[MAX_CHUNKS];
+    unpack_row(row, bits, chunks, codes);
+    for (int64_t c = 0; c < chunks; c++) {
+        const v8u top = (v8u)codes[c] >> 16;
+        for (int64_t i = 0; i < LANES; i++) out[c * LANES + i] = (uint16_t)top[i];
+    }
+}
+
+/* keys[t] = codes[t] Ms + z Mk for TILE_TOKENS rows, 32 columns a pass. */
+static void rebuild_on_tiles(const tile_work_t *w, int64_t C, int64_t width) {
+    const int64_t term = C / 2 * width * 2, code_bytes = C * 2, pair_bytes = width * 4, key_bytes = width * 4;
+    for (int64_t j = 0; j < width; j += 32) {
+        _tile_loadd(0, w->shift + j, key_bytes);
+        _tile_loadd(1, w->shift + j + 16, key_bytes);
+        _tile_loadd(2, w->shift + j, key_bytes);
+        _tile_loadd(3, w->shift + j + 16, key_bytes);
+        for (int64_t c = 0; c < C; c += 32) {
+            _tile_loadd(4, w->codes + c, code_bytes);
+            _tile_loadd(5, w->codes + 16 * C + c, code_bytes);
+            const uint16_t *ms = w->packed + c / 2 * width * 2 + j * 2;
+            for (int t = 0; t < SPLIT_TERMS; t++, ms += term) {
+                _tile_loadd(6, ms, pair_bytes);
+                _tile_loadd(7, ms + 32, pair_bytes);
+                _tile_dpbf16ps(0, 4, 6);
+                _tile_dpbf16ps(1, 4, 7);
+                _tile_dpbf16ps(2, 5, 6);
+                _tile_dpbf16ps(3, 5, 7);
+            }
+        }
+        _tile_stored(0, w->keys + j, key_bytes);
+        _tile_stored(1, w->keys + j + 16, key_bytes);
+        _tile_stored(2, w->keys + 16 * width + j, key_bytes);
+        _tile_stored(3, w->keys + 16 * width + j + 16, key_bytes);
+    }
+}
+
+static tile_work_t *tile_work(int64_t C, int64_t width) {
+    tile_work_t *w = calloc(1, sizeof *w);
+    if (!w) return NULL;
+    const size_t codes = sizeof(uint16_t) * TILE_TOKENS * C, packed = sizeof(uint16_t) * SPLIT_TERMS * C * width;
+    const size_t floats = sizeof(float) * (16 + TILE_TOKENS) * width;
+    char *base = aligned_alloc(64, (codes + packed + floats + 63) / 64 * 64);
+    if (!base) { free(w); return NULL; }
+    memset(base, 0, codes);  /* rows past a short tile's tokens: rebuilt and unused, but never NaN */
+    w->codes = (uint16_t *)base;
+    w->packed = (uint16_t *)(base + codes);
+    w->shift = (float *)(base + codes + packed);
+    w->keys = w->shift + 16 * width;
+    w->sequence = w->group = -1;
+    return w;
+}
+
+static void free_tile_work(tile_work_t *w) {
+    if (w) { free(w->codes); free(w); }
+}
+
+/* Values on the tiles: a query head's output is Σ_n p_n (c_n s_ng + z_ng) = Σ_n (p_n s_ng) c_n + Σ_n p_n z_ng over
+ * the channels of each group g, so with the codes c (exact in bfloat16) as one operand and p s (SPLIT_TERMS
+ * bfloat16 terms, as the keys' Ms) as the other, the product is as exact as the vector path's. VALUE_TOKENS tokens
+ * at a time; a run holding rows of the ring goes to the vectors. */
+#define VALUE_TOKENS 128
+
+typedef struct {
+    uint16_t *pairs;    /* [VALUE_TOKENS / 2][C][2]: the codes of two tokens interleaved, as tdpbf16ps reads them */
+    uint16_t *weights;  /* [groups][SPLIT_TERMS][16][VALUE_TOKENS]: p s of each head (rows past H stay 0) */
+    float *sums;        /* [16][C] */
+    float *shifts;      /* [16][groups]: Σ p z */
+    float *scale, *zero;  /* [VALUE_TOKENS][groups] */
+    int64_t groups;
+} value_tile_t;
+
+static value_tile_t *value_tile_work(int64_t C, int64_t groups) {
+    value_tile_t *w = calloc(1, sizeof *w);
+    if (!w) return NULL;
+    const size_t pairs = sizeof(uint16_t) * VALUE_TOKENS * C;
+    const size_t weights = sizeof(uint16_t) * groups * SPLIT_TERMS * 16 * VALUE_TOKENS;
+    const size_t floats = sizeof(float) * (16 * C + 16 * groups + 2 * VALUE_TOKENS * groups);
+    char *base = aligned_alloc(64, (pairs + weights + floats + 63) / 64 * 64);
+    if (!base) { free(w); return NULL; }
+    memset(base, 0, pairs + weights + floats);
+    w->pairs = (uint16_t *)base;
+    w->weights = (uint16_t *)(base + pairs);
+    w->sums = (float *)(base + pairs + weights);
+    w->shifts = w->sums + 16 * C;
+    w->scale = w->shifts + 16 * groups;
+    w->zero = w->scale + VALUE_TOKENS * groups;
+    w->groups = groups;
+    return w;
+}
+
+static void free_value_tile_work(value_tile_t *w) {
+    if (w) { free(w->pairs); free(w); }
+}
+
+/* Tokens [first, last) of sequence b, all read from codes (last - first <= VALUE_TOKENS), into w->sums, w->shifts. */
+static void value_run_on_tiles(const stream_t *restrict v, int64_t b, int64_t first, int64_t last, int64_t H,
+                               int64_t N, int64_t C, const float *restrict p, const uint8_t *restrict allowed,
+                               value_tile_t *restrict w) {
+    const int64_t groups = w->groups, count = last - first, padded = (count + 31) / 32 * 32;
+    const int64_t chunks = C / LANES;
+    const __m512i top = _mm512_set1_epi32((int)0xffff0000u);
+    load_params(v, b * v->param_stride + first * groups, count * groups, w->scale, w->zero);
+    uint16_t rows[2][MAX_DIM];
+    for (int64_t pair = 0; pair < padded / 2; pair++) {
+        for (int64_t i = 0; i < 2; i++) {
+            const int64_t n = first + 2 * pair + i;
+            if (n < last) codes_to_bf16(v->codes + b * v->code_stride + n * v->row_bytes, v->bits, chunks, rows[i]);
+            else memset(rows[i], 0, sizeof(uint16_t) * C);  /* padding: its weight is 0 too */
+        }
+        const __m512i low = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
+                                             39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+        const __m512i high = _mm512_add_epi16(low, _mm512_set1_epi16(16));
+        uint16_t *out = w->pairs + pair * C * 2;
+        for (int64_t c = 0; c < C; c += 32) {  /* channels c .. c + 31 of both tokens: two vectors of pairs */
+            const __m512i a = _mm512_loadu_si512(rows[0] + c), z = _mm512_loadu_si512(rows[1] + c);
+            _mm512_storeu_si512(out + 2 * c, _mm512_permutex2var_epi16(a, low, z));
+            _mm512_storeu_si512(out + 2 * c + 32, _mm512_permutex2var_epi16(a, high, z));
+        }
+    }
+    for (int64_t g = 0; g < groups; g++) {
+        for (int64_t n0 = 0; n0 < padded; n0 += 16) {
+            float s[16], z[16];
+            __mmask16 use = 0;
+            for (int64_t i = 0; i < 16; i++) {
+                const int64_t n = n0 + i;
+                const int on = n < count && allowed[first + n];
+                use |= (__mmask16)(on << i);
+                s[i] = on ? w->scale[n * groups + g] : 0.f;
+                z[i] = on ? w->zero[n * groups + g] : 0.f;
+            }
+            const __m512 scale = _mm512_loadu_ps(s), zero = _mm512_loadu_ps(z);
+            for (int64_t h = 0; h < H; h++) {
+                const __m512 weight = _mm512_maskz_loadu_ps(use, p + h * N + first + n0);
+                w->shifts[h * groups + g] += _mm512_reduce_add_ps(_mm512_mul_ps(weight, zero));
+                __m512 m = _mm512_mul_ps(weight, scale);
+                uint16_t *out = w->weights + ((g * SPLIT_TERMS) * 16 + h) * VALUE_TOKENS + n0;
+                for (int t = 0; t < SPLIT_TERMS; t++, out += 16 * VALUE_TOKENS) {
+                    const __m512i kept = _mm512_and_si512(_mm512_castps_si512(m), top);
+                    _mm256_storeu_si256((__m256i *)out, _mm512_cvtepi32_epi16(_mm512_srli_epi32(kept, 16)));
+                    m = _mm512_sub_ps(m, _mm512_castsi512_ps(kept));
+                }
+            }
+        }
+    }
+    const int64_t weight_bytes = VALUE_TOKENS * 2, pair_bytes = C * 4, sum_bytes = C * 4;
+    for (int64_t j = 0; j < C;) {  /* up to four column tiles of one group (groups are whole tiles) at a time */
+        const int64_t group_end = (j / v->group + 1) * v->group < C ? (j / v->group + 1) * v->group : C;
+        const uint16_t *weights = w->weights + j / v->group * SPLIT_TERMS * 16 * VALUE_TOKENS;
+        float *sums = w->sums + j;
+        if (group_end - j >= 64) {
+            _tile_loadd(0, sums, sum_bytes); _tile_loadd(1, sums + 16, sum_bytes);
+            _tile_loadd(2, sums + 32, sum_bytes); _tile_loadd(3, sums + 48, sum_bytes);
+            for (int64_t k = 0; k < padded; k += 32) {
+                const uint16_t *codes = w->pairs + k / 2 * C * 2 + j * 2, *ws = weights + k;
+                for (int t = 0; t < SPLIT_TERMS; t++, ws += 16 * VALUE_TOKENS) {
+                    _tile_loadd(4, ws, weight_bytes);
+                    _tile_loadd(6, codes, pair_bytes);
+                    _tile_loadd(7, codes + 32, pair_bytes);
+                    _tile_dpbf16ps(0, 4, 6);
+                    _tile_dpbf16ps(1, 4, 7);
+                    _tile_loadd(6, codes + 64, pair_bytes);
+                    _tile_loadd(7, codes + 96, pair_bytes);
+                    _tile_dpbf16ps(2, 4, 6);
+                    _tile_dpbf16ps(3, 4, 7);
+                }
+            }
+            _tile_stored(0, sums, sum_bytes); _tile_stored(1, sums + 16, sum_bytes);
+            _tile_stored(2, sums + 32, sum_bytes); _tile_stored(3, sums + 48, sum_bytes);
+            j += 64;
+        } else {
+            _tile_loadd(0, sums, sum_bytes);
+            for (int64_t k = 0; k < padded; k += 32) {
+                const uint16_t *ws = weights + k;
+                _tile_loadd(6, w->pairs + k / 2 * C * 2 + j * 2, pair_bytes);
+                for (int t = 0; t < SPLIT_TERMS; t++, ws += 16 * VALUE_TOKENS) {
+                    _tile_loadd(4, ws, weight_bytes);
+                    _tile_dpbf16ps(0, 4, 6);
+                }
+            }
+            _tile_stored(0, sums, sum_bytes);
+            j += 16;
+        }
+    }
+}
+
+/* acc[h] (+)= Σ_n p[h][n] v_n over tokens [start, end) of sequence b: runs of code rows on the tiles, others (the
+ * ring's rows) on vectors. */
+static void values_on_tiles(const stream_t *restrict v, int64_t b, int64_t start, int64_t end, int64_t H, int64_t N,
+                            int64_t C, const float *restrict p, const uint8_t *restrict allowed,
+                            value_tile_t *restrict w, float *restrict acc) {
+    for (int64_t first = start; first < end; first += VALUE_TOKENS) {
+        const int64_t last = first + VALUE_TOKENS < end ? first + VALUE_TOKENS : end;
+        int coded = 1;
+        for (int64_t n = first; n < last && coded; n++) coded = !(v->recent && v->recent[n]);
+        if (coded) value_run_on_tiles(v, b, first, last, H, N, C, p, allowed, w);
+        else value_sums(v, v->bits, C / LANES, b, first, last, H, N, C, p, allowed, acc);
+    }
+    for (int64_t h = 0; h < H; h++)
+        for (int64_t c = 0; c < C; c++) {
+            acc[h * C + c] += w->sums[h * C + c] + w->shifts[h * w->groups + c / v->group];
+            w->sums[h * C + c] = 0.f;
+        }
+    memset(w->shifts, 0, sizeof(float) * 16 * w->groups);
+}
+#else
+int matrix_tiles_ready(void) { return 0; }
+typedef struct tile_work tile_work_t;
+typedef struct value_tile value_tile_t;
+#endif
+
+/* Scores of one rebuilt key (its KV head's D channels) for that head's R query rows, at slot n (cos, sin: its
+ * RoPE tables; scores: row r at scores[r * N]). */
+static inline __attribute__((always_inline)) void score_key(const float *restrict key, const float *restrict c_n,
+        const float *restrict s_n, const float *restrict q, int64_t R, int64_t D, float *restrict rotated,
+        float *restrict scores, int64_t N) {
+    const int64_t half = D / 2;
+    if (half % WIDE == 0) {  /* the usual heads: the widest vectors */
+        for (int64_t i = 0; i < half; i += WIDE) {  /* rotate-half: (k1 c - k2 s, k2 c + k1 s) */
+            const vwide k1 = loadw(key + i), k2 = loadw(key + half + i);
+            storew(rotated + i, k1 * loadw(c_n + i) - k2 * loadw(s_n + i));
+            storew(rotated + half + i, k2 * loadw(c_n + half + i) + k1 * loadw(s_n + half + i));
+        }
+        for (int64_t r = 0; r < R; r++) {
+            const float *qr = q + r * D;
+            vwide acc = {};
+            for (int64_t c = 0; c < D; c += WIDE) acc += loadw(qr + c) * loadw(rotated + c);
+            scores[r * N] = sumw(acc);
+        }
+        return;
+    }
+    for (int64_t i = 0; i < half; i += LANES) {
+        const v8 k1 = load8(key + i), k2 = load8(key + half + i);
+        store8(rotated + i, k1 * load8(c_n + i) - k2 * load8(s_n + i));
+        store8(rotated + half + i, k2 * load8(c_n + half + i) + k1 * load8(s_n + half + i));
+    }
+    for (int64_t r = 0; r < R; r++) {
+        const float *qr = q + r * D;
+        v8 acc = {};
+        for (int64_t c = 0; c < D; c += LANES) acc += load8(qr + c) * load8(rotated + c);
+        scores[r * N] = sum8(acc);
+    }
+}
+
+/* scores[h * N + n] for tokens [start, end) of sequence b: q_h . RoPE_n(L̂k_n Mk) over the KV head of h. Runs of
+ * code rows within one group go to the tiles (`tiles` non-NULL), the rest REBUILD_ROWS at a time to the vectors. */
 static inline __attribute__((always_inline)) void latent_scores(const stream_t *restrict k, int bits, int64_t chunks,
         int64_t b, int64_t start, int64_t end, int64_t H, int64_t Hkv, int64_t D, int64_t C, int64_t N,
         const float *restrict q, const float *restrict mk, const float *restrict cos, const float *restrict sin,
-        const uint8_t *restrict allowed, float *restrict latents, float *restrict keys, float *restrict scores) {
-    const int64_t R = H / Hkv, width = Hkv * D, half = D / 2;
+        const uint8_t *restrict allowed, float *restrict latents, float *restrict keys, tile_work_t *tiles,
+        float *restrict scores) {
+    const int64_t R = H / Hkv, width = Hkv * D;
     float scale[MAX_DIM], zero[MAX_DIM], rotated[MAX_DIM];
     int64_t group_end = start;  /* the first token past the group whose scale and zero are loaded */
-    for (int64_t first = start; first < end; first += REBUILD_ROWS) {
+    for (int64_t first = start; first < end;) {
+#ifdef MATRIX_TILES
+        if (tiles) {
+            const int64_t group = first / k->group, group_last = (group + 1) * k->group;
+            int64_t last = first + TILE_TOKENS < group_last ? first + TILE_TOKENS : group_last;
+            last = last < end ? last : end;
+            int coded = 1, any = 0;
+            for (int64_t n = first; n < last; n++) {
+                coded &= !(k->recent && k->recent[n]);
+                any |= allowed[n];
+            }
+            if (coded) {
+                if (any) {
+                    if (tiles->sequence != b || tiles->group != group) {
+                        load_params(k, b * k->param_stride + group * C, C, tiles->scale, tiles->zero);
+                        pack_scaled(mk, C, width, tiles);
+                        tiles->sequence = b, tiles->group = group;
+                    }
+                    for (int64_t n = first; n < last; n++)
+                        codes_to_bf16(k->codes + b * k->code_stride + n * k->row_bytes, bits, chunks,
+                                      tiles->codes + (n - first) * C);
+                    rebuild_on_tiles(tiles, C, width);
+                }
+                for (int64_t n = first; n < last; n++) {
+                    if (!allowed[n]) {
+                        for (int64_t h = 0; h < H; h++) scores[h * N + n] = -INFINITY;
+                        continue;
+                    }
+                    for (int64_t kh = 0; kh < Hkv; kh++)
+                        score_key(tiles->keys + (n - first) * width + kh * D, cos + n * D, sin + n * D,
+                                  q + kh * R * D, R, D, rotated, scores + kh * R * N + n, N);
+                }
+                first = last;
+                continue;
+            }
+        }
+#endif
         const int64_t last = first + REBUILD_ROWS < end ? first + REBUILD_ROWS : end;
         const float *rows[REBUILD_ROWS];
         int64_t tokens[REBUILD_ROWS], count = 0;
@@ -627,33 +1032,22 @@ static inline __attribute__((always_inline)) void latent_scores(const stream_t *
             rows[count] = row;
             tokens[count++] = n;
         }
+        first = last;
         if (!count) continue;
         for (int64_t t = count; t < REBUILD_ROWS; t++) rows[t] = rows[0];  /* padding, rebuilt and unused */
         rebuild_keys(rows, mk, C, width, keys);
         for (int64_t t = 0; t < count; t++) {
             const int64_t n = tokens[t];
-            const float *c_n = cos + n * D, *s_n = sin + n * D;
-            for (int64_t kh = 0; kh < Hkv; kh++) {
-                const float *key = keys + t * width + kh * D;
-                for (int64_t i = 0; i < half; i += LANES) {  /* rotate-half: (k1 c - k2 s, k2 c + k1 s) */
-                    const v8 k1 = load8(key + i), k2 = load8(key + half + i);
-                    store8(rotated + i, k1 * load8(c_n + i) - k2 * load8(s_n + i));
-                    store8(rotated + half + i, k2 * load8(c_n + half + i) + k1 * load8(s_n + half + i));
-                }
-                for (int64_t r = 0; r < R; r++) {
-                    const float *qr = q + (kh * R + r) * D;
-                    v8 acc = {};
-                    for (int64_t c = 0; c < D; c += LANES) acc += load8(qr + c) * load8(rotated + c);
-                    scores[(kh * R + r) * N + n] = sum8(acc);
-                }
-            }
+            for (int64_t kh = 0; kh < Hkv; kh++)
+                score_key(keys + t * width + kh * D, cos + n * D, sin + n * D, q + kh * R * D, R, D, rotated,
+                          scores + kh * R * N + n, N);
         }
     }
 }
 
 int latent_decode_attention(int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t C, int64_t N, const float *query,
                             float q_scale, const stream_t *keys, const float *mk, const float *cos, const float *sin,
-                            const stream_t *values, const uint8_t *allowed, float *out, int threads) {
+                            const stream_t *values, const uint8_t *allowed, float *out, int threads, int tiles) {
     const stream_t k = *keys, v = *values;
     if (C > MAX_DIM || C % LANES || D > MAX_DIM || D % (2 * LANES) || H % Hkv || (Hkv * D) % REBUILD_PANEL
         || N < 1 || v.group % LANES || v.groups > MAX_CHUNKS)
@@ -673,6 +1067,12 @@ int latent_decode_attention(int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_
         float *q = work + (int64_t)thread_index() * work_size, *latents = q + H * D;
         float *keys = latents + REBUILD_ROWS * C, *acc = keys + REBUILD_ROWS * Hkv * D;
         int64_t b_loaded = -1;
+        tile_work_t *tile = NULL;
+#ifdef MATRIX_TILES
+        /* the tiles want whole tiles of channels and columns; groups shorter than a tile would repack Ms too often */
+        if (tiles && C % 32 == 0 && (Hkv * D) % 32 == 0 && k.group >= TILE_TOKENS && (tile = tile_work(C, Hkv * D)))
+            configure_tiles();
+#endif
 #pragma omp for schedule(static)
         for (int64_t item = 0; item < items; item++) {
             const int64_t b = item / blocks, start = (item % blocks) * block;
@@ -682,7 +1082,7 @@ int latent_decode_attention(int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_
                 b_loaded = b;
             }
 #define SCORES(bits) latent_scores(&k, bits, chunks, b, start, end, H, Hkv, D, C, N, q, mk, cos, sin, allowed, \
-                                   latents, keys, scores + b * H * N)
+                                   latents, keys, tile, scores + b * H * N)
             switch (k.bits) {
             case 1: SCORES(1); break;
             case 2: SCORES(2); break;
@@ -692,10 +1092,22 @@ int latent_decode_attention(int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_
 #undef SCORES
         }
         softmax_rows(scores, B * H, N, allowed);
+        value_tile_t *values_tile = NULL;
+#ifdef MATRIX_TILES
+        /* column tiles within one group of channels, and every head in one tile's rows */
+        if (tiles && C % 32 == 0 && v.group % 16 == 0 && H <= 16 && (values_tile = value_tile_work(C, v.groups)) && !tile)
+            configure_tiles();
+#endif
 #pragma omp for schedule(static)
         for (int64_t item = 0; item < items; item++) {
             const int64_t b = item / blocks, start = (item % blocks) * block;
             const int64_t end = start + block < N ? start + block : N;
+#ifdef MATRIX_TILES
+            if (values_tile) {
+                values_on_tiles(&v, b, start, end, H, N, C, scores + b * H * N, allowed, values_tile, acc + b * H * C);
+                continue;
+            }
+#endif
 #define VALUES(bits) value_sums(&v, bits, chunks, b, start, end, H, N, C, scores + b * H * N, allowed, acc + b * H * C)
             switch (v.bits) {
             case 1: VALUES(1); break;
@@ -705,6 +1117,11 @@ int latent_decode_attention(int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_
             }
 #undef VALUES
         }
+#ifdef MATRIX_TILES
+        if (tile || values_tile) _tile_release();
+        free_tile_work(tile);
+        free_value_tile_work(values_tile);
+#endif
     }
     sum_partials(work + acc_offset, work_size, threads, size, out);
     free(scores);
