@@ -19,8 +19,8 @@ applies), the step's `stored_rope` and mask, and the projection's softmax scale.
 for MHA) and its bias are applied per head afterwards, as `attention.attend_rebuilt` does.
 
 On a CPU, GQA decode steps take the C kernel instead (`gqa_cpu_unusable` / `gqa_cpu_decode`, kernels/cpu.py's
-`latent_decode_attention`): keys rebuilt a few tokens at a time in cache-sized tiles, values absorbed from their
-codes, nothing of the history written.
+`latent_decode_attention`): keys rebuilt a few tokens at a time in cache-sized tiles (on AMX where the CPU has it),
+values absorbed from their codes and projected by Mv in the kernel, nothing of the history written.
 """
 
 from __future__ import annotations
@@ -176,7 +176,9 @@ def gqa_cpu_decode(layer, q: Tensor, step: Step) -> Tensor:
     keys = kv_decode.stream_arrays(keys, layer.key_latents, step, lift=True)
     values = kv_decode.stream_arrays(values, layer.value_latents, step, lift=True)
     cos, sin = step.stored_rope
-    mixed = cpu.latent_decode_attention(q.view(batch, heads, head_dim), keys, layer.mk, cos, sin, values,
-                                        kv_decode.allowed(step), p.scale)  # [B, H, C]
-    kv_heads = layer.mv.shape[1] // head_dim
-    return project_heads(mixed.view(batch, kv_heads, heads // kv_heads, -1), layer.mv, p.bv, heads)
+    out = cpu.latent_decode_attention(q.view(batch, heads, head_dim), keys, layer.mk, cos, sin, values, layer.mv,
+                                      kv_decode.allowed(step), p.scale)  # [B, H, D]
+    if p.bv is not None:  # each head's weights sum to one: its KV head's bias adds as it is
+        kv_heads = layer.mv.shape[1] // head_dim
+        out = (out.view(batch, kv_heads, heads // kv_heads, head_dim) + p.bv.view(kv_heads, 1, head_dim))
+    return out.view(batch, heads, 1, head_dim)

@@ -88,7 +88,7 @@ def _library() -> tuple[ctypes.CDLL | None, str | None]:
                                             ctypes.c_int]
     library.kv_decode_attention.restype = ctypes.c_int
     library.latent_decode_attention.argtypes = [i64, i64, i64, i64, i64, i64, ptr, ctypes.c_float, stream, ptr, ptr,
-                                                ptr, stream, ptr, ptr, ctypes.c_int, ctypes.c_int]
+                                                ptr, stream, ptr, ptr, ptr, ctypes.c_int, ctypes.c_int]
     library.matrix_tiles_ready.restype = ctypes.c_int
     library.latent_decode_attention.restype = ctypes.c_int
     library.plain_store.argtypes = [i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64]
@@ -164,22 +164,23 @@ REBUILD_PANEL = 64  # latent_decode_attention's REBUILD_PANEL on AVX-512 (32 els
 
 
 def latent_decode_attention(q: Tensor, keys: "StreamArrays", mk: Tensor, cos: Tensor, sin: Tensor,
-                            values: "StreamArrays", allowed: Tensor, scale: float) -> Tensor:
+                            values: "StreamArrays", mv: Tensor, allowed: Tensor, scale: float) -> Tensor:
     """Attention of q [B, H, D] (float32, rotated) with softmax scale `scale` over one decode step of XQuant's GQA
     latents: keys rebuilt as RoPE(L̂k·mk) (mk [C, Hkv·D], the slots' tables cos, sin [N, D]) from the key stream,
-    values absorbed: -> Σ_n p_n L̂v_n [B, H, C] float32, for the caller to project by Mv. The streams hold C-channel
-    rows of B sequences ([B, 1, >= N, bytes], one "head"); `allowed` [N] bool."""
+    values absorbed: -> (Σ_n p_n L̂v_n)·mv [B, H, D] float32 (mv [C, Hkv·D], each head through its KV head's columns;
+    a bias is the caller's). The streams hold C-channel rows of B sequences ([B, 1, >= N, bytes], one "head");
+    `allowed` [N] bool."""
     library, reason = _library()
     if library is None:
         raise RuntimeError(reason)
     batch, heads, dim = q.shape
     channels, width = mk.shape
-    q, mk, cos, sin = (t.contiguous() for t in (q, mk, cos, sin))
-    out = q.new_empty(batch, heads, channels)
+    q, mk, cos, sin, mv = (t.contiguous() for t in (q, mk, cos, sin, mv))
+    out = q.new_empty(batch, heads, dim)
     status = library.latent_decode_attention(batch, heads, width // dim, dim, channels, allowed.shape[0],
                                              q.data_ptr(), scale, keys.struct, mk.data_ptr(), cos.data_ptr(),
-                                             sin.data_ptr(), values.struct, allowed.data_ptr(), out.data_ptr(),
-                                             torch.get_num_threads(), int(matrix_tiles()))
+                                             sin.data_ptr(), values.struct, mv.data_ptr(), allowed.data_ptr(),
+                                             out.data_ptr(), torch.get_num_threads(), int(matrix_tiles()))
     if status:
         raise RuntimeError(f"latent_decode_attention failed ({status})")
     return out

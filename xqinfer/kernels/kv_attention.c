@@ -563,18 +563,19 @@ int kv_decode_attention(int64_t BH, int64_t R, int64_t N, int64_t D, const float
 /* ---------------------------------------------------------------------------------------------------------------
  * One decode step of attention over XQuant's GQA latents (cache/xquant.py's XQuantGQALayer), on a CPU: the keys are
  * rebuilt from the per-channel quantized key latents REBUILD_ROWS tokens at a time, k_n = RoPE_n(L̂k_n · Mk), in L1,
- * and dropped after their scores; the values are absorbed: the output is Σ_n p_n L̂v_n [C] per query head (the
- * caller multiplies it by Mv), summed straight from the per-token value codes as value_sums sums a KV head's.
+ * and dropped after their scores; the values are absorbed: Σ_n p_n L̂v_n [C] per query head, summed straight from
+ * the per-token value codes as value_sums sums a KV head's, then projected by that head's columns of Mv.
  *
  * Shapes (B sequences; H query heads over Hkv KV heads of D channels, R = H / Hkv; C latent channels; N = span):
  *   q [B][H][D] float32, multiplied here by q_scale
  *   keys: a stream of C-channel rows (codes [B][N][kbytes], scale, zero [B][N / kgroup][C], ring [B][kring][C])
  *   mk [C][Hkv * D] float32; cos, sin [N][D] float32: the RoPE tables of each slot's position
  *   values: a stream of C-channel rows quantized per token (scale, zero [B][N][vgroups])
- *   allowed [N]; out [B][H][C] float32
+ *   mv [C][Hkv * D] float32: the values' projection, which takes each head's Σ p L̂v [C] to its output
+ *   allowed [N]; out [B][H][D] float32
  * Hkv * D must be a multiple of REBUILD_PANEL and D of 2 * LANES (the rotate-half pairs a vector with a vector).
  * tiles: rebuild keys and sum values on AMX where this build and Linux allow (matrix_tiles_ready), as exact as the
- * vectors: runs of code rows of key groups of at least TILE_TOKENS, value groups of whole tiles, H <= 16.
+ * vectors: runs of code rows of key groups of at least TILE_GROUP tokens, value groups of whole tiles, H <= 16.
  */
 #if defined(__AVX512F__)
 typedef float vwide __attribute__((vector_size(64)));  /* the rebuild's vectors: the widest the CPU has */
@@ -615,7 +616,7 @@ static void rebuild_keys(const float *const *rows, const float *restrict mk, int
     }
 }
 
-/* AMX, where the CPU has it (Sapphire Rapids and later): the keys of TILE_TOKENS code rows of one group are rebuilt
+/* AMX, where the CPU has it (Sapphire Rapids and later): the keys of up to TILE_TOKENS code rows of one group are rebuilt
  * on the matrix tiles. A key row is (c (.) s + z) Mk for its codes c, so with the group's Mk scaled per channel,
  * Ms = diag(s) Mk, it is c Ms + z Mk: the codes are small integers, exact in bfloat16, and Ms is carried by
  * SPLIT_TERMS bfloat16 matrices whose sum is Ms to float32's 24 bits, so the product, accumulated in float32, is
@@ -625,7 +626,8 @@ static void rebuild_keys(const float *const *rows, const float *restrict mk, int
 #include <sys/syscall.h>
 #include <unistd.h>
 #define MATRIX_TILES 1
-#define TILE_TOKENS 32  /* two tiles of 16 rows */
+#define TILE_TOKENS 128  /* tokens rebuilt in one pass over Ms, 32 (two tiles of 16 rows) at a time */
+#define TILE_GROUP 32    /* the shortest key group worth its Ms */
 #define SPLIT_TERMS 3   /* bfloat16 terms of Ms: 3 x 8 significant bits */
 
 /* Linux gives a process the tiles' state only when asked (arch_prctl ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA). */
@@ -725,31 +727,36 @@ static inline __attribute__((always_inline)) void codes_to_bf16(const uint8_t *r
     }
 }
 
-/* keys[t] = codes[t] Ms + z Mk for TILE_TOKENS rows, 32 columns a pass. */
-static void rebuild_on_tiles(const tile_work_t *w, int64_t C, int64_t width) {
+/* keys[t] = codes[t] Ms + z Mk for `rows` rows (a multiple of 32): 32 columns a pass, which all the rows share
+ * while that slice of Ms is in L1. */
+static void rebuild_on_tiles(const tile_work_t *w, int64_t C, int64_t width, int64_t rows) {
     const int64_t term = C / 2 * width * 2, code_bytes = C * 2, pair_bytes = width * 4, key_bytes = width * 4;
     for (int64_t j = 0; j < width; j += 32) {
-        _tile_loadd(0, w->shift + j, key_bytes);
-        _tile_loadd(1, w->shift + j + 16, key_bytes);
-        _tile_loadd(2, w->shift + j, key_bytes);
-        _tile_loadd(3, w->shift + j + 16, key_bytes);
-        for (int64_t c = 0; c < C; c += 32) {
-            _tile_loadd(4, w->codes + c, code_bytes);
-            _tile_loadd(5, w->codes + 16 * C + c, code_bytes);
-            const uint16_t *ms = w->packed + c / 2 * width * 2 + j * 2;
-            for (int t = 0; t < SPLIT_TERMS; t++, ms += term) {
-                _tile_loadd(6, ms, pair_bytes);
-                _tile_loadd(7, ms + 32, pair_bytes);
-                _tile_dpbf16ps(0, 4, 6);
-                _tile_dpbf16ps(1, 4, 7);
-                _tile_dpbf16ps(2, 5, 6);
-                _tile_dpbf16ps(3, 5, 7);
+        for (int64_t t = 0; t < rows; t += 32) {
+            const uint16_t *codes = w->codes + t * C;
+            float *keys = w->keys + t * width + j;
+            _tile_loadd(0, w->shift + j, key_bytes);
+            _tile_loadd(1, w->shift + j + 16, key_bytes);
+            _tile_loadd(2, w->shift + j, key_bytes);
+            _tile_loadd(3, w->shift + j + 16, key_bytes);
+            for (int64_t c = 0; c < C; c += 32) {
+                _tile_loadd(4, codes + c, code_bytes);
+                _tile_loadd(5, codes + 16 * C + c, code_bytes);
+                const uint16_t *ms = w->packed + c / 2 * width * 2 + j * 2;
+                for (int s = 0; s < SPLIT_TERMS; s++, ms += term) {
+                    _tile_loadd(6, ms, pair_bytes);
+                    _tile_loadd(7, ms + 32, pair_bytes);
+                    _tile_dpbf16ps(0, 4, 6);
+                    _tile_dpbf16ps(1, 4, 7);
+                    _tile_dpbf16ps(2, 5, 6);
+                    _tile_dpbf16ps(3, 5, 7);
+                }
             }
+            _tile_stored(0, keys, key_bytes);
+            _tile_stored(1, keys + 16, key_bytes);
+            _tile_stored(2, keys + 16 * width, key_bytes);
+            _tile_stored(3, keys + 16 * width + 16, key_bytes);
         }
-        _tile_stored(0, w->keys + j, key_bytes);
-        _tile_stored(1, w->keys + j + 16, key_bytes);
-        _tile_stored(2, w->keys + 16 * width + j, key_bytes);
-        _tile_stored(3, w->keys + 16 * width + j + 16, key_bytes);
     }
 }
 
@@ -991,7 +998,7 @@ static inline __attribute__((always_inline)) void latent_scores(const stream_t *
                     for (int64_t n = first; n < last; n++)
                         codes_to_bf16(k->codes + b * k->code_stride + n * k->row_bytes, bits, chunks,
                                       tiles->codes + (n - first) * C);
-                    rebuild_on_tiles(tiles, C, width);
+                    rebuild_on_tiles(tiles, C, width, (last - first + 31) / 32 * 32);
                 }
                 for (int64_t n = first; n < last; n++) {
                     if (!allowed[n]) {
@@ -1045,9 +1052,26 @@ static inline __attribute__((always_inline)) void latent_scores(const stream_t *
     }
 }
 
+/* out[b][h] = mixed[b][h] [C] times the columns of h's KV head in mv [C][Hkv * D]: the absorbed values' projection
+ * (a bias, where the model has one, is the caller's). */
+static void project_values(const float *restrict mixed, const float *restrict mv, int64_t B, int64_t H, int64_t Hkv,
+                           int64_t D, int64_t C, float *restrict out) {
+    const int64_t R = H / Hkv, width = Hkv * D;
+    for (int64_t bh = 0; bh < B * H; bh++) {
+        const float *row = mixed + bh * C, *columns = mv + (bh % H) / R * D;
+        float *y = out + bh * D;
+        for (int64_t d = 0; d < D; d += LANES) {
+            v8 acc = {};
+            for (int64_t c = 0; c < C; c++) acc += row[c] * load8(columns + c * width + d);
+            store8(y + d, acc);
+        }
+    }
+}
+
 int latent_decode_attention(int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t C, int64_t N, const float *query,
                             float q_scale, const stream_t *keys, const float *mk, const float *cos, const float *sin,
-                            const stream_t *values, const uint8_t *allowed, float *out, int threads, int tiles) {
+                            const stream_t *values, const float *mv, const uint8_t *allowed, float *out, int threads,
+                            int tiles) {
     const stream_t k = *keys, v = *values;
     if (C > MAX_DIM || C % LANES || D > MAX_DIM || D % (2 * LANES) || H % Hkv || (Hkv * D) % REBUILD_PANEL
         || N < 1 || v.group % LANES || v.groups > MAX_CHUNKS)
@@ -1058,9 +1082,9 @@ int latent_decode_attention(int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_
     const int64_t items = B * blocks, size = B * H * C, chunks = C / LANES;
     /* per thread: q times the softmax scale, the latents and keys of one tile, sums of p v */
     const int64_t acc_offset = H * D + REBUILD_ROWS * C + REBUILD_ROWS * Hkv * D, work_size = acc_offset + size;
-    float *scores = malloc(sizeof(float) * B * H * N);
+    float *scores = malloc(sizeof(float) * B * H * N), *mixed = malloc(sizeof(float) * size);
     float *work = calloc((size_t)threads * work_size, sizeof(float));
-    if (!scores || !work) { free(scores); free(work); return 2; }
+    if (!scores || !mixed || !work) { free(scores); free(mixed); free(work); return 2; }
 
 #pragma omp parallel num_threads(threads)
     {
@@ -1070,7 +1094,7 @@ int latent_decode_attention(int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_
         tile_work_t *tile = NULL;
 #ifdef MATRIX_TILES
         /* the tiles want whole tiles of channels and columns; groups shorter than a tile would repack Ms too often */
-        if (tiles && C % 32 == 0 && (Hkv * D) % 32 == 0 && k.group >= TILE_TOKENS && (tile = tile_work(C, Hkv * D)))
+        if (tiles && C % 32 == 0 && (Hkv * D) % 32 == 0 && k.group >= TILE_GROUP && (tile = tile_work(C, Hkv * D)))
             configure_tiles();
 #endif
 #pragma omp for schedule(static)
@@ -1123,8 +1147,10 @@ int latent_decode_attention(int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_
         free_value_tile_work(values_tile);
 #endif
     }
-    sum_partials(work + acc_offset, work_size, threads, size, out);
+    sum_partials(work + acc_offset, work_size, threads, size, mixed);
+    project_values(mixed, mv, B, H, Hkv, D, C, out);
     free(scores);
+    free(mixed);
     free(work);
     return 0;
 }
